@@ -1,0 +1,67 @@
+"""Lazy, memory-mapped safetensors reading with numpy alone.
+
+We parse the header ourselves instead of using `safetensors` so that bfloat16 checkpoints load
+without torch, and so that a truncated file is caught before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+
+DTYPES = {
+    "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed eagerly, tensor data mapped and read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(path, "too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise CheckpointError(path, f"header length {header_len} exceeds the file size {size}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(path, f"unreadable safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries: dict[str, dict] = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.data_start + end > size:
+            raise CheckpointError(path, f"truncated: tensors need {self.data_start + end} bytes, "
+                                        f"file has {size}")
+        self._map: np.memmap | None = None
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32 (a fresh array; the mapping itself is never written)."""
+        entry = self.entries[name]
+        if entry["dtype"] not in DTYPES:
+            raise CheckpointError(self.path, f"tensor {name} has unsupported dtype {entry['dtype']}")
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        start, stop = entry["data_offsets"]
+        raw = self._map[self.data_start + start:self.data_start + stop]
+        array = raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        if entry["dtype"] == "BF16":
+            return (array.astype(np.uint32) << 16).view(np.float32)
+        return array.astype(np.float32)

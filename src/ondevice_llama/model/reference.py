@@ -1,0 +1,175 @@
+"""The reference Llama in PyTorch, small enough to hold in your head.
+
+It defines what correct means for every later stage (graph export, quantization, evaluation) and
+is itself tested against Hugging Face's `LlamaForCausalLM`. The math lives in free functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..adapt.rope import inv_freq
+from ..config import LlamaConfig
+from ..loading import Checkpoint, TensorSource
+from ..loading.names import LAYER_TENSORS
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim] (frequencies repeated for both halves)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_cos_sin(config: LlamaConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
+    freqs = positions.float()[:, None] * torch.from_numpy(inv_freq(config))[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def repeat_kv(x: Tensor, group_size: int) -> Tensor:
+    """[B, kv_heads, T, D] -> [B, kv_heads * group_size, T, D], so every query head has its K/V."""
+    return x if group_size == 1 else x.repeat_interleave(group_size, dim=1)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, written at `input_pos` (gpt-fast style)."""
+
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None) -> Tensor:
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        k, v = repeat_kv(k, c.group_size), repeat_kv(v, c.group_size)
+        scores = (q @ k.transpose(-1, -2)) * c.head_dim**-0.5 + mask
+        out = F.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.input_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.attention = Attention(config)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None) -> Tensor:
+        x = x + self.attention(rms_norm(x, self.input_norm, self.eps), cos, sin, mask, input_pos)
+        return x + self.mlp(rms_norm(x, self.post_attention_norm, self.eps))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.max_len = 0
+
+    def setup_cache(self, max_len: int, batch: int = 1) -> None:
+        """Allocate a KV cache so `forward` can be called step by step with `input_pos`."""
+        c = self.config
+        dtype = self.embed_tokens.weight.dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, max_len, c.num_kv_heads, c.head_dim, dtype)
+        self.max_len = max_len
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """tokens: [B, T]. Without a cache, input_pos defaults to 0..T-1 and attention is causal."""
+        t = tokens.shape[1]
+        if input_pos is None:
+            input_pos = torch.arange(t)
+        keys = self.max_len if self.max_len else t
+        key_pos = torch.arange(keys)
+        allowed = key_pos[None, :] <= input_pos[:, None]
+        dtype = self.embed_tokens.weight.dtype
+        mask = torch.zeros(t, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        cos, sin = rope_cos_sin(self.config, input_pos)
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        x = self.embed_tokens(tokens)
+        cache_pos = input_pos if self.max_len else None
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_pos)
+        return self.lm_head(rms_norm(x, self.norm, self.config.rms_norm_eps))
+
+
+def _parameter_name(name: str) -> str:
+    """Our tensor name -> the reference module's parameter name."""
+    if name.startswith("layers."):
+        _, i, tensor = name.split(".")
+        group = "attention" if tensor in LAYER_TENSORS[1:5] else "mlp"
+        suffix = "" if tensor.endswith("norm") else f"{group}.{tensor}.weight"
+        return f"layers.{i}.{tensor}" if not suffix else f"layers.{i}.{suffix}"
+    return {"embed_tokens": "embed_tokens.weight", "norm": "norm", "lm_head": "lm_head.weight"}[name]
+
+
+def build_reference(config: LlamaConfig, tensors: TensorSource, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Reference model with every weight read from `tensors` (on meta first: one copy in memory)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = {_parameter_name(n): torch.from_numpy(tensors.get(n)).to(dtype) for n in tensors.names()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"reference model is missing weights: {missing[:5]}")
+    return model.eval()
+
+
+def load_reference(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Transformer:
+    return build_reference(checkpoint.config, checkpoint.tensors, dtype)
