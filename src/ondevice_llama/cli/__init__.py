@@ -1,0 +1,1 @@
+"""Command line: `ondevice-llama export | chat`."""

@@ -1,0 +1,131 @@
+"""`ondevice-llama`: export a checkpoint, or chat with an exported model.
+
+Heavy imports happen inside each command so that `chat` on an exported folder never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-parts", type=int, default=None,
+                   help="parts to split the model into (default: 4 for 7B-class models, fewer for small ones)")
+    p.add_argument("--sequence-length", type=int, default=128, help="prompt processor length N (default 128)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="context length C (default: 1024 for 7B-class models, else up to 2048)")
+    p.add_argument("--linear", action="store_true", help="keep projections as MatMul instead of 1x1 Conv")
+
+
+def _export_options(args: argparse.Namespace, all_logits: bool = False):
+    from ..export import ExportOptions
+
+    return ExportOptions(num_parts=args.num_parts, sequence_length=args.sequence_length,
+                         context_length=args.context_length, use_conv=not args.linear, all_logits=all_logits)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ondevice-llama", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    export = sub.add_parser("export", help="export a checkpoint as per-part ONNX graphs")
+    export.add_argument("--checkpoint", type=Path, default=None,
+                        help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    export.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_export_options(export)
+    export.add_argument("--all-logits", action="store_true",
+                        help="last part returns logits for every position (for evaluation)")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    chat = sub.add_parser("chat", help="chat with an exported model (exports the checkpoint first if needed)")
+    source = chat.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, default=None, help="exported folder")
+    source.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint to export once into a cache folder (default: SmolLM2-135M-Instruct)")
+    _add_export_options(chat)
+    chat.add_argument("--prompt", default=None, help="one-shot prompt; without it, an interactive chat")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    chat.add_argument("--slide", action="store_true",
+                      help="when the context fills up, keep its newest half and go on instead of stopping")
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..export import export_model
+    from ..loading import open_checkpoint
+
+    checkpoint = open_checkpoint(args.checkpoint)
+    manifest = export_model(checkpoint, args.out, _export_options(args, args.all_logits), progress=not args.quiet)
+    print(f"exported {manifest.model_name}: {len(manifest.parts)} part(s), N={manifest.sequence_length}, "
+          f"C={manifest.context_length} -> {args.out}")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from ..runtime import ChatSession, ExportedModel, SamplingConfig
+    from .cached_export import cached_export
+
+    folder = args.model or cached_export(args.checkpoint, _export_options(args))
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    session = ChatSession(ExportedModel(folder, threads=args.threads), system=args.system)
+
+    def reply(text: str) -> None:
+        result = session.send(text, sampling, args.max_new_tokens, on_text=_stream, slide=args.slide)
+        print(flush=True)
+        if result.stop_reason == "context_full":
+            from ..runtime.generate import CONTEXT_FULL_MESSAGE
+
+            print(CONTEXT_FULL_MESSAGE, file=sys.stderr)
+        print(result.timing_line(), file=sys.stderr, flush=True)
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return 0
+    print(f"chatting with {session.model.manifest.model_name} ({folder}); /reset clears, /exit or Ctrl-D quits",
+          file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            session = ChatSession(session.model, system=args.system)
+            continue
+        if text.strip():
+            reply(text)
+
+
+def _stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"export": run_export, "chat": run_chat}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

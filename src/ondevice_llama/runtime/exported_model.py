@@ -1,0 +1,130 @@
+"""Run an exported folder with ONNX Runtime: prompt processor for prefill, token generator per token.
+
+State is plain data: the manifest, one InferenceSession per part and graph kind, and a host KV cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from ..adapt import layout
+from ..adapt.mask import chunk_mask
+from ..adapt.rope import rope_tables
+from ..manifest import GraphManifest, Manifest, load_manifest
+from .kv_cache import KVCache
+
+PROMPT_PROCESSOR = "prompt_processor"
+TOKEN_GENERATOR = "token_generator"
+
+
+class ContextFullError(RuntimeError):
+    """The static context length is reached; nothing more fits in the KV cache."""
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
+class ExportedModel:
+    def __init__(self, folder: Path | str, threads: int | None = None, providers: list[str] | None = None):
+        self.folder = Path(folder)
+        self.manifest: Manifest = load_manifest(self.folder)
+        self.config = self.manifest.config
+        self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer_file))
+        options = session_options(threads)
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions: dict[str, list[ort.InferenceSession]] = {
+            kind: [ort.InferenceSession(str(self.folder / part.graphs[kind].file), options, providers=providers)
+                   for part in self.manifest.parts]
+            for kind in (PROMPT_PROCESSOR, TOKEN_GENERATOR)
+        }
+
+    @property
+    def context_length(self) -> int:
+        return self.manifest.context_length
+
+    @property
+    def sequence_length(self) -> int:
+        return self.manifest.sequence_length
+
+    def new_cache(self) -> KVCache:
+        """A cache as long as the token generator's past: the longest any graph reads."""
+        return KVCache(self.config, layout.past_capacity(self.context_length, 1))
+
+    def _graph(self, kind: str, part: int) -> GraphManifest:
+        return self.manifest.parts[part].graphs[kind]
+
+    def run_graphs(self, kind: str, tokens: list[int], cache: KVCache) -> np.ndarray:
+        """One step of one graph kind over every part; returns its logits [positions, vocab].
+
+        `tokens` (at most the graph's sequence length) are left-padded; the new K/V of the real tokens
+        go into `cache` at its current length.
+        """
+        n = self._graph(kind, 0).sequence_length
+        valid = len(tokens)
+        past_len = cache.length
+        capacity = layout.past_capacity(self.context_length, n)
+        if not 0 < valid <= n:
+            raise ValueError(f"{kind} takes 1..{n} tokens, got {valid}")
+        if past_len > capacity:
+            raise ContextFullError(f"{past_len} cached tokens do not fit the {kind}'s capacity {capacity}")
+        pad = n - valid
+        ids = np.zeros((1, n), np.int32)
+        ids[0, pad:] = tokens
+        positions = np.zeros(n, np.int64)
+        positions[pad:] = np.arange(past_len, past_len + valid)
+        cos, sin = rope_tables(self.config, positions)
+        common = {"position_cos": cos, "position_sin": sin,
+                  "attention_mask": chunk_mask(capacity, n, past_len, valid)}
+        hidden: np.ndarray = ids
+        for part, session in zip(self.manifest.parts, self.sessions[kind], strict=True):
+            feeds = dict(common)
+            feeds["input_ids" if part.index == 0 else "hidden_in"] = hidden
+            for layer in part.layers:
+                feeds[layout.past_key_name(layer)], feeds[layout.past_value_name(layer)] = cache.past(layer, capacity)
+            names = [o.name for o in self._graph(kind, part.index).outputs]
+            outputs = dict(zip(names, session.run(names, feeds), strict=True))
+            for layer in part.layers:
+                cache.write(layer, outputs[layout.new_key_name(layer)], outputs[layout.new_value_name(layer)], valid)
+            hidden = outputs.get("hidden_out", outputs.get("logits"))
+        cache.advance(valid)
+        return hidden[0]
+
+    def prefill(self, tokens: list[int], cache: KVCache) -> np.ndarray:
+        """Process a prompt after what `cache` holds; returns the last token's logits [vocab].
+
+        Full chunks of N go through the prompt processor; a shorter last chunk is left-padded. Once the
+        prompt processor's cache capacity (C - N) is reached, the rest goes token by token.
+        """
+        if cache.length + len(tokens) > self.context_length:
+            raise ContextFullError(f"{cache.length + len(tokens)} tokens exceed the context length "
+                                   f"{self.context_length}")
+        n = self.sequence_length
+        pp_capacity = layout.past_capacity(self.context_length, n)
+        logits = None
+        i = 0
+        while i < len(tokens):
+            if cache.length <= pp_capacity and len(tokens) - i > 1:
+                chunk = tokens[i:i + n]
+                logits = self.run_graphs(PROMPT_PROCESSOR, chunk, cache)
+            else:
+                chunk = tokens[i:i + 1]
+                logits = self.run_graphs(TOKEN_GENERATOR, chunk, cache)
+            i += len(chunk)
+        if logits is None:
+            raise ValueError("prefill needs at least one token")
+        return logits[-1]
+
+    def decode(self, token: int, cache: KVCache) -> np.ndarray:
+        """One token through the token generator; returns its logits [vocab]."""
+        if cache.length >= self.context_length:
+            raise ContextFullError(f"the context length {self.context_length} is reached")
+        return self.run_graphs(TOKEN_GENERATOR, [token], cache)[-1]
