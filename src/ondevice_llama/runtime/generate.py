@@ -18,6 +18,7 @@ from .exported_model import ExportedModel
 from .kv_cache import KVCache
 from .sampling import Sampler, SamplingConfig
 
+GREEDY = SamplingConfig()
 CONTEXT_FULL_MESSAGE = "[context full: the reply was cut at the context length; start a new chat or use --slide]"
 
 
@@ -73,7 +74,7 @@ class Generator:
         self.reset()
         return self._prefill(keep)
 
-    def generate(self, prompt: list[int], sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 256,
+    def generate(self, prompt: list[int], sampling: SamplingConfig = GREEDY, max_new_tokens: int = 256,
                  stop_ids: tuple[int, ...] = (), on_text: Callable[[str], None] | None = None,
                  slide: bool = False) -> GenerationResult:
         if not prompt:
@@ -127,7 +128,7 @@ class ChatSession:
         m = self.model.manifest
         return format_chat(self.model.tokenizer, self.messages, m.special_tokens, m.chat_template)
 
-    def send(self, text: str, sampling: SamplingConfig = SamplingConfig(), max_new_tokens: int = 256,
+    def send(self, text: str, sampling: SamplingConfig = GREEDY, max_new_tokens: int = 256,
              on_text: Callable[[str], None] | None = None, slide: bool = False) -> GenerationResult:
         self.messages.append({"role": "user", "content": text})
         result = self.generator.generate(self.prompt_ids(), sampling, max_new_tokens,
