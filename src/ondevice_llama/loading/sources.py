@@ -97,7 +97,7 @@ class GGUFSource:
         from gguf import quants
 
         tensor = self._tensors[name]
-        array = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        array = np.array(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a fresh copy
         array = array.reshape(self.shape(name))
         if name.endswith(".q_proj"):
             array = unpermute_rope_rows(array, self.config.num_heads)
