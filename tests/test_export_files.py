@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,9 +154,7 @@ def test_manifest_describes_the_graphs_and_files(exported):
     assert ("logits", "float32", (1, 1, CONFIG.vocab_size)) in manifest_specs(last.outputs)
 
 
-@pytest.mark.xfail(strict=True, reason="a tied single-part export stores the embedding twice (Gather and "
-                                       "lm_head.conv.weight), though the Conv layout has the same bytes")
-def test_single_part_tied_export_stores_the_embedding_once(checkpoint_dir, tmp_path):
+def test_single_part_tied_export_stores_the_embedding_once(tmp_path):
     config = replace(CONFIG, vocab_size=2048)
     checkpoint = open_checkpoint(write_synthetic_checkpoint(config, tmp_path / "ckpt"))
     out = tmp_path / "one"
@@ -229,6 +229,13 @@ def test_export_into_an_empty_existing_folder(checkpoint, tmp_path):
     out.mkdir()
     export_model(checkpoint, out, replace(OPTIONS, num_parts=1), progress=False)
     assert len(load_manifest(out).parts) == 1
+
+
+def test_export_folder_permissions_follow_the_umask(exported):
+    """Another user (or `adb push`, or a web server) must be able to read an export, as with any new folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o777 & ~umask
 
 
 # ---------------------------------------------------------------- load_manifest errors
@@ -318,6 +325,15 @@ def test_cli_refuses_foreign_out_folder(checkpoint_dir, tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {out}")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_cli_out_is_a_file(checkpoint_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.write_text("not a folder")
+    code = main(["export", "--checkpoint", str(checkpoint_dir), "--out", str(out), *SMALL_ARGS])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {out}")
+    assert out.read_text() == "not a folder"
 
 
 def test_cli_export_succeeds(checkpoint_dir, tmp_path, capsys):

@@ -289,6 +289,14 @@ def test_unknown_tensor_name(tiny_checkpoint, tmp_path):
     assert_checkpoint_error(folder, folder / "model.safetensors", "q_proj.bias")
 
 
+def test_unsupported_dtype_is_refused_at_open(tiny_checkpoint, tmp_path):
+    folder = fresh_copy(tiny_checkpoint, tmp_path)
+    tensors = read_all(folder / "model.safetensors")
+    tensors["model.layers.3.mlp.down_proj.weight"] = ("F8_E4M3", np.zeros((64, 96), np.uint8))
+    write_safetensors(folder / "model.safetensors", tensors)
+    assert_checkpoint_error(folder, folder / "model.safetensors", "F8_E4M3")
+
+
 @pytest.mark.parametrize("cut", ["1MB", "half"])
 def test_truncated_gguf(tmp_path, cut):
     """Cut inside the metadata (1 MB) or inside the tensor data (half): both are caught at open time."""

@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"export": run_export, "chat": run_chat}
     try:
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -6,9 +6,7 @@ end, so an interrupted export never leaves a folder that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import onnx
 from tqdm import tqdm
 
 from ..config import LlamaConfig
+from ..files import make_staging_folder, replace_folder, sha256_file
 from ..loading import Checkpoint
 from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec
 from .graph import Graph, WeightFile
@@ -82,14 +81,6 @@ def _specs(values: list[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
                             tuple(d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _export_part(checkpoint: Checkpoint, folder: Path, part: PartSpec, options: ExportOptions, context: int,
                  bar: tqdm) -> PartManifest:
     number = part.index + 1
@@ -109,19 +100,21 @@ def _export_part(checkpoint: Checkpoint, folder: Path, part: PartSpec, options: 
     finally:
         weights.close()
     return PartManifest(part.index, part.layers.start, part.layers.stop, weights.path.name,
-                        _sha256(weights.path), graphs)
+                        sha256_file(weights.path), graphs)
 
 
 def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions = ExportOptions(),
                  progress: bool = True) -> Manifest:
     """Export `checkpoint` into folder `out` (replacing an earlier export there) and return its manifest."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is a file; choose another --out")
     if out.exists() and not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not an exported model folder; choose another --out")
     num_parts, context = resolve_options(checkpoint.config, options)
     parts = plan_parts(checkpoint.config.num_layers, num_parts)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = make_staging_folder(out)
     try:
         total = 2 * checkpoint.config.num_layers
         with tqdm(total=total, unit="layer", disable=not progress, dynamic_ncols=True) as bar:
@@ -135,19 +128,8 @@ def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions
             parts=part_manifests,
         )
         manifest.save(tmp)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished export into place; an earlier export there is removed only afterwards."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)

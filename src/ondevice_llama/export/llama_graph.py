@@ -236,6 +236,22 @@ class PartGraphBuilder:
             out = self.rows_from_stream(f"/part{self.part.index}/stream_out", x, hidden)
             g.add_output(out, "hidden_out", F32, [1, n, hidden])
 
+    def _head_weight(self, name: str) -> str:
+        """The LM head weight; with tied embeddings in the same graph, a view of the embedding (stored once)."""
+        c, g = self.c, self.g
+        if c.tie_word_embeddings and self.part.first:
+            embed = "embed_tokens.weight"
+            if self.o.use_conv:
+                return g.make_reshape(f"{name}/tied_weight", embed, [c.vocab_size, c.hidden_size, 1, 1])
+            return g.make_transpose(f"{name}/tied_weight", embed, [1, 0])
+        source = "embed_tokens" if c.tie_word_embeddings else "lm_head"
+
+        def produce() -> np.ndarray:
+            w = self.t.get(source)
+            return layout.conv_weight(w) if self.o.use_conv else layout.matmul_weight(w)
+
+        return g.weight(f"lm_head.{'conv' if self.o.use_conv else 'matmul'}.weight", produce)
+
     def _make_head(self, x: str) -> None:
         """Final norm and LM head, on the last position only unless all logits are asked for."""
         g, c = self.g, self.c
@@ -244,13 +260,7 @@ class PartGraphBuilder:
         if positions < self.n:
             x = g.make_slice(f"{name}/last_position", x, self.n - 1, self.n, 3 if self.o.use_conv else 1)
         h = self.make_rms_norm(f"/part{self.part.index}/norm", x, "norm")
-        source = "embed_tokens" if c.tie_word_embeddings else "lm_head"
-
-        def produce() -> np.ndarray:
-            w = self.t.get(source)
-            return layout.conv_weight(w) if self.o.use_conv else layout.matmul_weight(w)
-
-        w = g.weight(f"lm_head.{'conv' if self.o.use_conv else 'matmul'}.weight", produce)
+        w = self._head_weight(name)
         logits = g.make_conv(name, h, w) if self.o.use_conv else g.make_matmul(name, h, w)
         if self.o.use_conv:
             logits = g.make_transpose(name, g.make_reshape(name, logits, [1, c.vocab_size, positions]), [0, 2, 1])

@@ -38,6 +38,9 @@ class SafetensorsFile:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(path, f"unreadable safetensors header ({e})") from None
         header.pop("__metadata__", None)
+        for name, entry in header.items():
+            if entry.get("dtype") not in DTYPES:
+                raise CheckpointError(path, f"tensor {name} has unsupported dtype {entry.get('dtype')}")
         self.data_start = 8 + header_len
         self.entries: dict[str, dict] = header
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
@@ -55,8 +58,6 @@ class SafetensorsFile:
     def read(self, name: str) -> np.ndarray:
         """The tensor as float32 (a fresh array; the mapping itself is never written)."""
         entry = self.entries[name]
-        if entry["dtype"] not in DTYPES:
-            raise CheckpointError(self.path, f"tensor {name} has unsupported dtype {entry['dtype']}")
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, stop = entry["data_offsets"]

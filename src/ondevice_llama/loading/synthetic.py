@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..config import LlamaConfig
+from ..files import make_staging_folder, replace_folder
 from .names import canonical_to_hf, expected_names
 
 CHATML_TEMPLATE = (
@@ -83,7 +83,7 @@ def write_synthetic_checkpoint(config: LlamaConfig, out: Path, *, seed: int = 0,
         shards[-1].append(name)
         size += nbytes
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_staging_folder(out)
     rng = np.random.default_rng(seed)
     hf = config.to_hf() | {"torch_dtype": "float16" if dtype == np.float16 else "float32"}
     (tmp / "config.json").write_text(json.dumps(hf, indent=2))
@@ -104,9 +104,7 @@ def write_synthetic_checkpoint(config: LlamaConfig, out: Path, *, seed: int = 0,
                 shutil.copy(Path(tokenizer_dir) / file, tmp / file)
     else:
         _write_byte_tokenizer(tmp, config.vocab_size)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_folder(tmp, out)
     return out
 
 
