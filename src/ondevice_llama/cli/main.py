@@ -13,7 +13,15 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 
 
-def _add_export_options(p: argparse.ArgumentParser) -> None:
+def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None:
+    p.add_argument("--target", choices=("npu", "cpu"), default=default_target,
+                   help=f"npu: static-shape split-head graphs for accelerators; cpu: fused ONNX Runtime CPU graph "
+                        f"(default {default_target})")
+    p.add_argument("--precision", default=None,
+                   help="weights: fp32 | w8 | w4 (default: fp32 for npu, w4 for cpu)")
+    p.add_argument("--block-size", type=int, default=32, help="weight quantization block size (default 32)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
+                   help="cpu target: MatMulNBits compute type, 4 = int8 (fastest), 0 = float (default 4)")
     p.add_argument("--num-parts", type=int, default=None,
                    help="parts to split the model into (default: 4 for 7B-class models, fewer for small ones)")
     p.add_argument("--sequence-length", type=int, default=128, help="prompt processor length N (default 128)")
@@ -26,7 +34,9 @@ def _export_options(args: argparse.Namespace, all_logits: bool = False):
     from ..export import ExportOptions
 
     return ExportOptions(num_parts=args.num_parts, sequence_length=args.sequence_length,
-                         context_length=args.context_length, use_conv=not args.linear, all_logits=all_logits)
+                         context_length=args.context_length, use_conv=not args.linear, all_logits=all_logits,
+                         target=args.target, precision=args.precision, block_size=args.block_size,
+                         accuracy_level=args.accuracy_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", type=Path, default=None,
                         help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     export.add_argument("--out", type=Path, required=True, help="output folder")
-    _add_export_options(export)
+    _add_export_options(export, "npu")
     export.add_argument("--all-logits", action="store_true",
                         help="last part returns logits for every position (for evaluation)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", type=Path, default=None, help="exported folder")
     source.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint to export once into a cache folder (default: SmolLM2-135M-Instruct)")
-    _add_export_options(chat)
+    _add_export_options(chat, "cpu")
     chat.add_argument("--prompt", default=None, help="one-shot prompt; without it, an interactive chat")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -67,8 +77,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     checkpoint = open_checkpoint(args.checkpoint)
     manifest = export_model(checkpoint, args.out, _export_options(args, args.all_logits), progress=not args.quiet)
-    print(f"exported {manifest.model_name}: {len(manifest.parts)} part(s), N={manifest.sequence_length}, "
-          f"C={manifest.context_length} -> {args.out}")
+    print(f"exported {manifest.model_name}: {manifest.target} target, {manifest.precision}, "
+          f"{len(manifest.parts)} part(s), N={manifest.sequence_length}, C={manifest.context_length} -> {args.out}")
     return 0
 
 

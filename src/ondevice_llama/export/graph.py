@@ -15,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+CONTRIB = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulNBits, GroupQueryAttention, ...)
 PAGE = 4096  # large tensors start on a page boundary so a runtime can memory-map them
 
 ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
@@ -97,16 +98,23 @@ class Graph:
         return self._constants[key]
 
     def make_node(self, op: str, inputs: Sequence[str], name: str, output: str | None = None,
-                  **attrs) -> str:
-        out = output or f"{name}/output_0"
-        self.nodes.append(helper.make_node(op, list(inputs), [out], name=name, **attrs))
-        return out
+                  domain: str = "", **attrs) -> str:
+        return self.make_multi_output_node(op, inputs, name, [output or f"{name}/output_0"], domain, **attrs)[0]
+
+    def make_multi_output_node(self, op: str, inputs: Sequence[str], name: str, outputs: Sequence[str],
+                               domain: str = "", **attrs) -> list[str]:
+        """A node with several outputs; an empty name skips that output."""
+        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, domain=domain or None,
+                                           **attrs))
+        return list(outputs)
 
     def to_model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="ondevice-llama")
+        opsets = [helper.make_opsetid("", OPSET)]
+        if any(node.domain == CONTRIB for node in self.nodes):
+            opsets.append(helper.make_opsetid(CONTRIB, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="ondevice-llama")
         model.ir_version = 8
         return model
 
@@ -159,10 +167,7 @@ class Graph:
 
     def make_split(self, name: str, x: str, pieces: int, axis: int) -> list[str]:
         outs = [f"{name}/Split/output_{i}" for i in range(pieces)]
-        self.nodes.append(helper.make_node("Split", [x], outs, name=f"{name}/Split", axis=axis,
-                                           num_outputs=pieces) if OPSET >= 18 else
-                          helper.make_node("Split", [x], outs, name=f"{name}/Split", axis=axis))
-        return outs
+        return self.make_multi_output_node("Split", [x], f"{name}/Split", outs, axis=axis)
 
     def make_cast(self, name: str, x: str, dtype: np.dtype) -> str:
         return self.make_node("Cast", [x], f"{name}/Cast", to=ONNX_DTYPES[np.dtype(dtype)])

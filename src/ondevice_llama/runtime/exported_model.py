@@ -15,6 +15,7 @@ from ..adapt import layout
 from ..adapt.mask import chunk_mask
 from ..adapt.rope import rope_tables
 from ..manifest import GraphManifest, Manifest, load_manifest
+from .cpu_engine import CpuEngine
 from .kv_cache import KVCache
 
 PROMPT_PROCESSOR = "prompt_processor"
@@ -34,16 +35,53 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 class ExportedModel:
+    """An exported folder ready to run: manifest, tokenizer and the engine for its target."""
+
     def __init__(self, folder: Path | str, threads: int | None = None, providers: list[str] | None = None):
         self.folder = Path(folder)
         self.manifest: Manifest = load_manifest(self.folder)
         self.config = self.manifest.config
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer_file))
-        options = session_options(threads)
-        providers = providers or ["CPUExecutionProvider"]
+        engine = CpuEngine if self.manifest.target == "cpu" else NpuEngine
+        self.engine = engine(self.folder, self.manifest, session_options(threads),
+                             providers or ["CPUExecutionProvider"])
+
+    @property
+    def context_length(self) -> int:
+        return self.manifest.context_length
+
+    @property
+    def sequence_length(self) -> int:
+        return self.manifest.sequence_length
+
+    def new_cache(self):
+        return self.engine.new_cache()
+
+    def prefill(self, tokens: list[int], cache) -> np.ndarray:
+        """Process a prompt after what `cache` holds; returns the last token's logits [vocab]."""
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        if cache.length + len(tokens) > self.context_length:
+            raise ContextFullError(f"{cache.length + len(tokens)} tokens exceed the context length "
+                                   f"{self.context_length}")
+        return self.engine.prefill(tokens, cache)[-1]
+
+    def decode(self, token: int, cache) -> np.ndarray:
+        """One token through the token generator; returns its logits [vocab]."""
+        if cache.length >= self.context_length:
+            raise ContextFullError(f"the context length {self.context_length} is reached")
+        return self.engine.step([token], cache)[-1]
+
+
+class NpuEngine:
+    """Static-shape graphs: the prompt processor (AR-N) in chunks, the token generator (AR-1) per token."""
+
+    def __init__(self, folder: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]):
+        self.manifest = manifest
+        self.config = manifest.config
         self.sessions: dict[str, list[ort.InferenceSession]] = {
-            kind: [ort.InferenceSession(str(self.folder / part.graphs[kind].file), options, providers=providers)
-                   for part in self.manifest.parts]
+            kind: [ort.InferenceSession(str(folder / part.graphs[kind].file), options, providers=providers)
+                   for part in manifest.parts]
             for kind in (PROMPT_PROCESSOR, TOKEN_GENERATOR)
         }
 
@@ -99,17 +137,10 @@ class ExportedModel:
         return hidden[0]
 
     def prefill(self, tokens: list[int], cache: KVCache) -> np.ndarray:
-        """Process a prompt after what `cache` holds; returns the last token's logits [vocab].
-
-        Full chunks of N go through the prompt processor; a shorter last chunk is left-padded. Once the
-        prompt processor's cache capacity (C - N) is reached, the rest goes token by token.
-        """
-        if cache.length + len(tokens) > self.context_length:
-            raise ContextFullError(f"{cache.length + len(tokens)} tokens exceed the context length "
-                                   f"{self.context_length}")
+        """Full chunks of N through the prompt processor, a shorter last chunk left-padded; once the prompt
+        processor's cache capacity (C - N) is reached, the rest token by token. Returns the last logits."""
         n = self.sequence_length
         pp_capacity = layout.past_capacity(self.context_length, n)
-        logits = None
         i = 0
         while i < len(tokens):
             if cache.length <= pp_capacity and len(tokens) - i > 1:
@@ -119,12 +150,7 @@ class ExportedModel:
                 chunk = tokens[i:i + 1]
                 logits = self.run_graphs(TOKEN_GENERATOR, chunk, cache)
             i += len(chunk)
-        if logits is None:
-            raise ValueError("prefill needs at least one token")
-        return logits[-1]
+        return logits
 
-    def decode(self, token: int, cache: KVCache) -> np.ndarray:
-        """One token through the token generator; returns its logits [vocab]."""
-        if cache.length >= self.context_length:
-            raise ContextFullError(f"the context length {self.context_length} is reached")
-        return self.run_graphs(TOKEN_GENERATOR, [token], cache)[-1]
+    def step(self, tokens: list[int], cache: KVCache) -> np.ndarray:
+        return self.run_graphs(TOKEN_GENERATOR, tokens, cache)

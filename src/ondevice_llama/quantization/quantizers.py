@@ -1,0 +1,90 @@
+"""Pure weight quantizers on numpy arrays: choose parameters, quantize, dequantize.
+
+Weights are [out, in]; quantization groups run along `in`, either whole rows (per output channel) or
+blocks of `block_size`. Three modes, all dequantizing as (code - zero_point) * scale:
+
+- symmetric: signed codes in [-2^(b-1), 2^(b-1) - 1], scale absmax / (2^(b-1) - 1), no zero point
+  (GGUF Q8_0/Q4_0-like; what NPUs want for weights);
+- asymmetric: unsigned codes in [0, 2^b - 1] with an integer zero point (the range always holds 0);
+- affine: unsigned codes, scale (max - min) / (2^b - 1) and a float zero point -min / scale, i.e.
+  w = scale * code + min, exactly GGUF's Q4_1, so a Q4_1 file round-trips losslessly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes [out, in] with one scale (and zero point) per group of `group_size` inputs."""
+
+    codes: np.ndarray  # int8 (symmetric) or uint8, [out, in]
+    scales: np.ndarray  # float32 [out, groups]
+    zero_points: np.ndarray | None  # None (symmetric), uint8 (asymmetric) or float32 (affine), [out, groups]
+    bits: int
+    group_size: int
+    max_error: float  # max |w - dequantize(quantize(w))|
+
+
+def _groups(w: np.ndarray, group_size: int) -> np.ndarray:
+    out, cols = w.shape
+    if cols % group_size:
+        raise ValueError(f"input size {cols} is not a multiple of the block size {group_size}")
+    return w.reshape(out, cols // group_size, group_size)
+
+
+MODES = ("symmetric", "asymmetric", "affine")
+
+
+def choose_qparams(w: np.ndarray, bits: int, group_size: int, mode: str = "symmetric"
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale (and zero point) per group that cover the group's range; constant groups get a usable scale."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {MODES}")
+    g = _groups(w.astype(np.float32), group_size)
+    if mode == "symmetric":
+        qmax = 2 ** (bits - 1) - 1
+        scales = np.abs(g).max(axis=-1) / qmax
+        return np.where(scales > 0, scales, 1.0).astype(np.float32), None
+    qmax = 2**bits - 1
+    lo, hi = g.min(axis=-1), g.max(axis=-1)
+    if mode == "asymmetric":  # the range must hold 0 so that an integer zero point exists
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    scales = ((hi - lo) / qmax).astype(np.float32)
+    scales = np.where(scales > 0, scales, np.maximum(np.abs(lo), 1.0)).astype(np.float32)
+    zero_points = (-lo / scales).astype(np.float32)
+    if mode == "asymmetric":
+        return scales, np.clip(np.round(zero_points), 0, qmax).astype(np.uint8)
+    return scales, zero_points
+
+
+def quantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, group_size: int
+             ) -> np.ndarray:
+    """Round to nearest and clamp to the code range."""
+    g = _groups(w.astype(np.float32), group_size) / scales[..., None]
+    if zero_points is None:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return np.clip(np.round(g), lo, hi).astype(np.int8).reshape(w.shape)
+    q = np.round(g + zero_points[..., None].astype(np.float32))  # = round(g) + zp for integer zero points
+    return np.clip(q, 0, 2**bits - 1).astype(np.uint8).reshape(w.shape)
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, group_size: int
+               ) -> np.ndarray:
+    g = _groups(codes.astype(np.float32), group_size)
+    if zero_points is not None:
+        g = g - zero_points[..., None].astype(np.float32)  # affine: exact zero points are fractional
+    return (g * scales[..., None]).reshape(codes.shape).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None, mode: str = "symmetric"
+                    ) -> QuantizedWeight:
+    """Round-to-nearest quantization of a [out, in] weight; `block_size` None means per output channel."""
+    group = block_size or w.shape[1]
+    scales, zero_points = choose_qparams(w, bits, group, mode)
+    codes = quantize(w, scales, zero_points, bits, group)
+    error = float(np.abs(dequantize(codes, scales, zero_points, group) - w).max())
+    return QuantizedWeight(codes, scales, zero_points, bits, group, error)

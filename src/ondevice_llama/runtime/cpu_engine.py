@@ -1,0 +1,65 @@
+"""The CPU target's engine: one dynamic-length decoder graph per part, KV cache updated in place.
+
+GroupQueryAttention reads and writes one context-long BNSH buffer per layer when its past and present
+are bound to the same OrtValue, so a decode step copies no cache at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..manifest import Manifest
+
+DECODER = "decoder"
+
+
+class CpuKVCache:
+    def __init__(self, num_layers: int, shape: tuple[int, ...]):
+        self._arrays = [np.zeros(shape, np.float32) for _ in range(2 * num_layers)]
+        self.keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays[0::2]]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays[1::2]]
+        self.length = 0
+
+    def advance(self, valid: int) -> None:
+        self.length += valid
+
+    def truncate(self, length: int) -> None:
+        """Forget positions from `length` on: attention reads only up to the current length."""
+        self.length = min(self.length, length)
+
+
+class CpuEngine:
+    def __init__(self, folder: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]):
+        self.manifest = manifest
+        self.sessions = [ort.InferenceSession(str(folder / part.graphs[DECODER].file), options, providers=providers)
+                         for part in manifest.parts]
+
+    def new_cache(self) -> CpuKVCache:
+        c = self.manifest.config
+        return CpuKVCache(c.num_layers, (1, c.num_kv_heads, self.manifest.context_length, c.head_dim))
+
+    def step(self, tokens: list[int], cache: CpuKVCache) -> np.ndarray:
+        """Any number of tokens in one run of each part; returns logits [positions, vocab]."""
+        total = cache.length + len(tokens)
+        seqlens_k = np.array([total - 1], np.int32)
+        total_length = np.array(total, np.int32)
+        hidden: np.ndarray = np.array([tokens], np.int64)
+        for part, session in zip(self.manifest.parts, self.sessions, strict=True):
+            binding = session.io_binding()
+            binding.bind_cpu_input("input_ids" if part.index == 0 else "hidden_in", hidden)
+            binding.bind_cpu_input("seqlens_k", seqlens_k)
+            binding.bind_cpu_input("total_sequence_length", total_length)
+            binding.bind_output("logits" if part.index == len(self.manifest.parts) - 1 else "hidden_out")
+            for layer in part.layers:
+                for kind, values in (("key", cache.keys), ("value", cache.values)):
+                    binding.bind_ortvalue_input(f"past_{kind}_{layer}", values[layer])
+                    binding.bind_ortvalue_output(f"present_{kind}_{layer}", values[layer])
+            session.run_with_iobinding(binding)
+            hidden = binding.get_outputs()[0].numpy()
+        cache.advance(len(tokens))
+        return hidden[0]
+
+    prefill = step  # the dynamic graph takes the whole prompt at once
