@@ -79,7 +79,7 @@ def test_all_logits_and_token_generator_fallback(tiny_checkpoints, references, t
     with torch.no_grad():
         expected = references["gqa_tied"](tokens[None])[0].numpy()
     cache = model.new_cache()
-    first = model.run_graphs("prompt_processor", tokens[:5].tolist(), cache)  # one left-padded chunk
+    first = model.engine.run_graphs("prompt_processor", tokens[:5].tolist(), cache)  # one left-padded chunk
     assert first.shape == (N, 300)
     assert relative_error(first[N - 5:], expected[:5]) <= TOLERANCE
     model.prefill(tokens[5:34].tolist(), cache)  # 34 > C - N = 32: the tail goes through the token generator

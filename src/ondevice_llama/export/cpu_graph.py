@@ -126,22 +126,23 @@ class CpuPartBuilder:
         return g.make_add(name, y, offsets)
 
     def make_embedding(self, ids: str) -> str:
-        """Token embedding; with quantized tied weights, read straight from the LM head's packed weight."""
+        """Token embedding; quantized, and with tied weights read straight from the LM head's packed weight."""
         g, c, o = self.g, self.c, self.o
         name = f"{self.prefix}/embed_tokens"
-        if o.head_bits is None or not c.tie_word_embeddings:
+        if o.head_bits is None:
             table = g.weight("embed_tokens.weight", lambda: self.t.get("embed_tokens"))
             return g.make_gather(name, table, ids)
-        head = self._head_weights()
+        head = self._packed_table("lm_head" if c.tie_word_embeddings else "embed_tokens")
         blocks = c.hidden_size // o.block_size
         scales = g.make_reshape(f"{name}/scales", head[1], [c.vocab_size, blocks, 1])
         rows = g.make_node("GatherBlockQuantized", [head[0], ids, scales], f"{name}/GatherBlockQuantized",
                            domain=CONTRIB, gather_axis=0, quantize_axis=2, block_size=o.block_size, bits=o.head_bits)
         return g.make_reshape(name, rows, [0, 0, c.hidden_size])
 
-    def _head_weights(self) -> list[str]:
-        """The LM head's packed weight and scales, symmetric so that GatherBlockQuantized can share them."""
-        source = "embed_tokens" if self.c.tie_word_embeddings else "lm_head"
+    def _packed_table(self, name: str) -> list[str]:
+        """Packed weight and scales of the LM head or the embedding, symmetric so GatherBlockQuantized can read
+        them; a tied LM head is the embedding."""
+        source = "embed_tokens" if name == "lm_head" and self.c.tie_word_embeddings else name
         packed: list[np.ndarray] = []
 
         def produce(i: int) -> Callable[[], np.ndarray]:
@@ -152,8 +153,8 @@ class CpuPartBuilder:
                 return packed[i]
             return run
 
-        return [self.g.weight(f"lm_head.weight_q{self.o.head_bits}", produce(0)),
-                self.g.weight("lm_head.scales", produce(1))]
+        return [self.g.weight(f"{name}.weight_q{self.o.head_bits}", produce(0)),
+                self.g.weight(f"{name}.scales", produce(1))]
 
     def make_rms_norm(self, name: str, x: str, weight: str, skip: str | None) -> tuple[str, str]:
         """RMSNorm of x (+ skip, the residual): returns (normalized, the sum that is the new residual)."""
@@ -232,7 +233,7 @@ class CpuPartBuilder:
             if not o.all_logits:
                 h = g.make_node("Slice", [h, g.constant([-1]), g.constant([INT64_MAX]), g.constant([1])],
                                 f"{self.prefix}/last_position/Slice")
-            head = self._head_weights() if o.head_bits else None
+            head = self._packed_table("lm_head") if o.head_bits else None
             if head is None:
                 logits = self.make_linear(f"{self.prefix}/lm_head", h, ("embed_tokens" if c.tie_word_embeddings
                                                                         else "lm_head",), None, "lm_head")

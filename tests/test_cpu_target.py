@@ -1,0 +1,119 @@
+"""The CPU target: fused ONNX Runtime graphs that must equal the reference (fp32) or the simulated model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ondevice_llama.export import ExportOptions, export_model
+from ondevice_llama.loading import open_checkpoint
+from ondevice_llama.model import build_reference
+from ondevice_llama.quantization.simulate import FakeQuantSource, WeightScheme, fake_quantize, uniform_recipe
+from ondevice_llama.runtime import ExportedModel, Generator, format_chat
+
+from .test_default_model import NEW_TOKENS, PROMPTS
+
+C = 64
+TOLERANCE = 1e-4  # max |difference| / max |logits|
+BITS = {"w4": 4, "w8": 8}
+
+
+def cpu_recipe(bits: int):
+    """What the CPU target stores: affine block-32 projections, 8-bit symmetric embedding and LM head."""
+    return uniform_recipe(WeightScheme(bits, 32, "affine"), WeightScheme(8, 32, "symmetric"))
+
+
+def run_all(model: ExportedModel, tokens: list[int]) -> np.ndarray:
+    """Logits of positions 20.. : a 21-token prefill, then one token at a time."""
+    cache = model.new_cache()
+    logits = [model.prefill(tokens[:21], cache)] + [model.decode(t, cache) for t in tokens[21:]]
+    return np.stack(logits)
+
+
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("name", ["mha_untied", "gqa_tied"])
+@pytest.mark.parametrize("precision", ["fp32", "w8", "w4"])
+@pytest.mark.parametrize("num_parts", [1, 2])
+def test_cpu_target_matches_reference_or_simulated(tiny_checkpoints, tmp_path, name, precision, num_parts):
+    checkpoint = open_checkpoint(tiny_checkpoints[name])
+    options = ExportOptions(num_parts=num_parts, context_length=C, target="cpu", precision=precision,
+                            accuracy_level=0)
+    export_model(checkpoint, tmp_path / "cpu", options, progress=False)
+    tokens = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(5))
+    source = checkpoint.tensors if precision == "fp32" else FakeQuantSource(checkpoint.tensors,
+                                                                            cpu_recipe(BITS[precision]))
+    with torch.no_grad():
+        expected = build_reference(checkpoint.config, source)(tokens[None])[0].numpy()
+    assert relative_error(run_all(ExportedModel(tmp_path / "cpu"), tokens.tolist()), expected[20:]) <= TOLERANCE
+
+
+def test_int8_activations_stay_close_to_the_simulated_model(tiny_checkpoints, tmp_path):
+    """accuracy_level 4 quantizes activations to int8 inside MatMulNBits: close, not equal."""
+    checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
+    export_model(checkpoint, tmp_path / "cpu", ExportOptions(context_length=C, target="cpu"), progress=False)
+    tokens = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = build_reference(checkpoint.config, FakeQuantSource(checkpoint.tensors, cpu_recipe(4)))(
+            tokens[None])[0].numpy()
+    error = relative_error(run_all(ExportedModel(tmp_path / "cpu"), tokens.tolist()), expected[20:])
+    assert 0 < error < 0.05
+
+
+def test_tied_embedding_is_stored_once(tiny_checkpoints, tmp_path):
+    """The embedding lookup reads the LM head's packed 8-bit weight: no float [V, H] table on disk."""
+    checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
+    export_model(checkpoint, tmp_path / "cpu", ExportOptions(context_length=C, target="cpu"), progress=False)
+    model = onnx.load(tmp_path / "cpu" / "decoder_part1.onnx", load_external_data=False)
+    nodes = {n.op_type: n for n in model.graph.node}
+    head = [n for n in model.graph.node if n.name.endswith("lm_head/MatMulNBits")][0]
+    assert nodes["GatherBlockQuantized"].input[0] == head.input[1]
+    v, h = checkpoint.config.vocab_size, checkpoint.config.hidden_size
+    assert not [t.name for t in model.graph.initializer if list(t.dims) == [v, h]]
+    stored = (tmp_path / "cpu" / "weights_part1.bin").stat().st_size
+    assert stored < 0.6 * 4 * checkpoint.config.num_parameters  # 4/8-bit weights, nothing twice
+
+
+def test_default_gguf_transcodes_losslessly(default_checkpoint):
+    """SmolLM2's Q4_1 projections and Q8_0 embedding come back exactly from our affine-4 / symmetric-8 codes."""
+    for name, scheme in (("layers.3.gate_proj", WeightScheme(4, 32, "affine")),
+                         ("embed_tokens", WeightScheme(8, 32, "symmetric"))):
+        weight = default_checkpoint.tensors.get(name)
+        np.testing.assert_allclose(fake_quantize(weight, scheme), weight, rtol=0, atol=2e-6 * np.abs(weight).max())
+
+
+@pytest.fixture(scope="module")
+def default_cpu_model(default_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu") / "export"
+    export_model(default_checkpoint, out, ExportOptions(target="cpu", accuracy_level=0), progress=False)
+    return ExportedModel(out)
+
+
+def test_default_model_greedy_equals_simulated(default_checkpoint, default_cpu_model):
+    """The CPU target (w4, float activations) and the simulated w4 model agree token for token."""
+    c = default_checkpoint
+    simulated = build_reference(c.config, FakeQuantSource(c.tensors, cpu_recipe(4)))
+    simulated.setup_cache(1024)
+    for prompt in PROMPTS:
+        ids = format_chat(c.tokenizer, [{"role": "user", "content": prompt}], c.special_tokens, c.chat_template)
+        ours = Generator(default_cpu_model).generate(ids, max_new_tokens=NEW_TOKENS).token_ids
+        expected = []
+        with torch.no_grad():
+            logits = simulated(torch.tensor([ids]), torch.arange(len(ids)))[0, -1]
+            for step in range(NEW_TOKENS):
+                expected.append(int(logits.argmax()))
+                position = torch.tensor([len(ids) + step])
+                logits = simulated(torch.tensor([[expected[-1]]]), position)[0, -1]
+        assert ours == expected
+
+
+def test_default_model_chat_answers_paris_on_cpu_target(default_cpu_model):
+    manifest = default_cpu_model.manifest
+    ids = format_chat(default_cpu_model.tokenizer, [{"role": "user", "content": "What is the capital of France?"}],
+                      manifest.special_tokens, manifest.chat_template)
+    result = Generator(default_cpu_model).generate(ids, max_new_tokens=20, stop_ids=manifest.special_tokens.eos_ids)
+    assert "Paris" in result.text
