@@ -1,4 +1,4 @@
-"""`ondevice-llama`: export a checkpoint, or chat with an exported model.
+"""`ondevice-llama`: export a checkpoint, chat with an exported model, or benchmark one.
 
 Heavy imports happen inside each command so that `chat` on an exported folder never loads torch.
 """
@@ -68,6 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     chat.add_argument("--slide", action="store_true",
                       help="when the context fills up, keep its newest half and go on instead of stopping")
+
+    bench = sub.add_parser("bench", help="measure TTFT, prefill and decode speed, per-part latency and peak memory")
+    bench.add_argument("--model", type=Path, required=True, help="exported folder")
+    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    bench.add_argument("--repetitions", type=int, default=5, help="measured repetitions after one warm-up (default 5)")
+    bench.add_argument("--prompt-lengths", default="128,512,1024",
+                       help="comma-separated prompt lengths for TTFT (default 128,512,1024)")
+    bench.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
+    bench.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser("evaluate", help="perplexity, KL divergence and top-1 agreement to float on a text")
+    evaluate.add_argument("--model", type=Path, required=True,
+                          help="exported folder (made with --all-logits) or checkpoint (Hugging Face folder or .gguf)")
+    evaluate.add_argument("--text", type=Path, required=True, help="UTF-8 text file, e.g. wikitext-2-raw/wiki.test.raw")
+    evaluate.add_argument("--context-length", type=int, default=512,
+                          help="tokens per window, at most the export's context length (default 512)")
+    evaluate.add_argument("--max-tokens", type=int, default=4096, help="evaluate the first T tokens (default 4096)")
+    evaluate.add_argument("--json", type=Path, default=None, help="write every figure and setting as JSON here")
+    evaluate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    evaluate.add_argument("--no-float", action="store_true",
+                          help="exported folder: skip the float reference and measure the export alone")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -119,6 +142,18 @@ def run_chat(args: argparse.Namespace) -> int:
             reply(text)
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluation.command import run_evaluate
+
+    return run_evaluate(args)
+
+
 def _stream(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -126,7 +161,7 @@ def _stream(text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"export": run_export, "chat": run_chat}
+    commands = {"export": run_export, "chat": run_chat, "bench": run_bench, "evaluate": run_evaluate}
     try:
         return commands[args.command](args)
     except (ValueError, OSError, RuntimeError) as e:
