@@ -63,3 +63,4 @@ class CpuEngine:
         return hidden[0]
 
     prefill = step  # the dynamic graph takes the whole prompt at once
+    all_logits = step  # ... and returns every position's logits when exported with them

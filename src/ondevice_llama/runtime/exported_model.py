@@ -66,6 +66,14 @@ class ExportedModel:
                                    f"{self.context_length}")
         return self.engine.prefill(tokens, cache)[-1]
 
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits of every position of `tokens` from a fresh cache ([len, vocab]); needs an --all-logits export."""
+        if not self.manifest.all_logits:
+            raise ValueError(f"{self.folder}: exported without --all-logits; export again with it to evaluate")
+        if len(tokens) > self.context_length:
+            raise ContextFullError(f"{len(tokens)} tokens exceed the context length {self.context_length}")
+        return self.engine.all_logits(tokens, self.new_cache())
+
     def decode(self, token: int, cache) -> np.ndarray:
         """One token through the token generator; returns its logits [vocab]."""
         if cache.length >= self.context_length:
@@ -154,3 +162,12 @@ class NpuEngine:
 
     def step(self, tokens: list[int], cache: KVCache) -> np.ndarray:
         return self.run_graphs(TOKEN_GENERATOR, tokens, cache)
+
+    def all_logits(self, tokens: list[int], cache: KVCache) -> np.ndarray:
+        """Every position's logits: prompt-processor chunks of N, the left padding of the last one dropped."""
+        n = self.sequence_length
+        pieces = []
+        for i in range(0, len(tokens), n):
+            chunk = tokens[i:i + n]
+            pieces.append(self.run_graphs(PROMPT_PROCESSOR, chunk, cache)[n - len(chunk):])
+        return np.concatenate(pieces)

@@ -1,0 +1,87 @@
+"""`ondevice-llama evaluate`: perplexity of an exported model (and its float source), or of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..manifest import MANIFEST_FILE
+from .evaluate import LogitFn, evaluate
+from .text import load_text_tokens
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    if args.context_length < 2:
+        raise ValueError(f"--context-length must be at least 2, got {args.context_length}")
+    if args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    model_path: Path = args.model
+    info: dict[str, Any] = {"model": str(model_path)}
+    if model_path.is_dir() and (model_path / MANIFEST_FILE).exists():
+        sources, tokens, window = _exported(args, info)
+    else:
+        sources, tokens, window = _checkpoint(args, info)
+    reference = "float" if "float" in sources and len(sources) > 1 else None
+    report = evaluate(sources, tokens, window, reference=reference, progress=not args.quiet)
+    print(f"{info['model_name']} on {args.text}:")
+    print(report.table())
+    if args.json is not None:
+        data = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "text": str(args.text),
+                "max_tokens": args.max_tokens, "requested_context_length": args.context_length,
+                "context_length": report.window} | info | report.to_dict()
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
+    """Sources of an exported folder: the export itself, plus the float checkpoint it came from if still there."""
+    from tokenizers import Tokenizer
+
+    from ..manifest import load_manifest
+    from ..runtime import ExportedModel
+    from .sources import exported_logits, float_logits, require_all_logits
+
+    manifest = load_manifest(args.model)
+    require_all_logits(args.model)
+    window = min(args.context_length, manifest.context_length)
+    info |= {"kind": "exported", "model_name": manifest.model_name,
+             "export": {"target": manifest.target, "precision": manifest.precision,
+                        "sequence_length": manifest.sequence_length, "context_length": manifest.context_length,
+                        "parts": len(manifest.parts), "source": manifest.source}}
+    tokenizer = Tokenizer.from_file(str(args.model / manifest.tokenizer_file))
+    tokens = load_text_tokens(args.text, tokenizer, args.max_tokens)
+    sources: dict[str, LogitFn] = {}
+    float_checkpoint = None
+    if args.no_float:
+        print("float reference skipped (--no-float): perplexity of the export alone", file=sys.stderr)
+    elif not Path(manifest.source).exists():
+        print(f"{manifest.source}: the export's source checkpoint is gone; evaluating the export alone, "
+              f"with no float reference", file=sys.stderr)
+    else:
+        from ..loading import open_checkpoint
+
+        float_checkpoint = manifest.source
+        sources["float"] = float_logits(open_checkpoint(manifest.source))
+    info["float_checkpoint"] = float_checkpoint
+    sources["exported"] = exported_logits(ExportedModel(args.model, threads=args.threads))
+    return sources, tokens, window
+
+
+def _checkpoint(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
+    """A checkpoint (Hugging Face folder or .gguf): the float reference alone."""
+    from ..loading import open_checkpoint
+    from .sources import float_logits
+
+    if args.no_float:
+        raise ValueError(f"{args.model}: --no-float leaves nothing to evaluate for a checkpoint "
+                         f"(it applies to exported folders)")
+    checkpoint = open_checkpoint(args.model)
+    info |= {"kind": "checkpoint", "model_name": checkpoint.name, "float_checkpoint": str(checkpoint.path)}
+    tokens = load_text_tokens(args.text, checkpoint.tokenizer, args.max_tokens)
+    return {"float": float_logits(checkpoint)}, tokens, args.context_length

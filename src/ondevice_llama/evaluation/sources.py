@@ -1,0 +1,81 @@
+"""Where logits come from: each source is a `LogitFn` (token ids of one window -> logits [len, vocab]).
+
+- "float": the PyTorch reference in fp32 (torch is imported only when this source is built);
+- "exported": an exported folder run by ONNX Runtime (no torch), which needs an --all-logits export.
+
+`SOURCE_BUILDERS` is the registry of source kinds; a "simulated" source (the reference with fake-quantized
+weights) is meant to be registered there next to these two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..loading import Checkpoint, open_checkpoint
+from .evaluate import LogitFn
+
+if TYPE_CHECKING:
+    from ..runtime import ExportedModel
+
+
+def float_logits(checkpoint: Checkpoint | Path | str | None) -> LogitFn:
+    """The fp32 PyTorch reference of `checkpoint` (a `Checkpoint`, or a path for `open_checkpoint`)."""
+    import torch
+
+    from ..model import load_reference
+
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint)
+    model = load_reference(checkpoint, torch.float32)
+
+    def logits(tokens: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([tokens], dtype=torch.long))[0].float().numpy()
+
+    return logits
+
+
+def exported_logits(folder: Path | str | ExportedModel, threads: int | None = None) -> LogitFn:
+    """An exported folder (or an `ExportedModel`) through ONNX Runtime; it must have been exported with
+    --all-logits, and a window must fit its context length."""
+    from ..runtime import ExportedModel
+
+    model = folder if isinstance(folder, ExportedModel) else None
+    if model is None:
+        require_all_logits(folder)
+        model = ExportedModel(folder, threads=threads)
+    else:
+        require_all_logits(model.folder)
+
+    def logits(tokens: list[int]) -> np.ndarray:
+        return np.asarray(model.logits(tokens), dtype=np.float32)
+
+    return logits
+
+
+def require_all_logits(folder: Path | str) -> None:
+    """Raise a one-line error naming `folder` when its export returns only the last position's logits."""
+    from ..manifest import load_manifest
+
+    if not load_manifest(folder).all_logits:
+        raise ValueError(f"{folder}: exported without --all-logits, so it returns only the last position's logits; "
+                         f"export it again with `ondevice-llama export --all-logits ...` to evaluate it")
+
+
+# Source kind -> builder of its LogitFn. The "simulated" source (quantization simulated in the reference)
+# belongs here too, with a builder taking the checkpoint and its quantization recipe.
+SOURCE_BUILDERS: dict[str, Callable[..., LogitFn]] = {
+    "float": float_logits,
+    "exported": exported_logits,
+}
+
+
+def make_source(kind: str, *args: Any, **kwargs: Any) -> LogitFn:
+    """Build a source by kind name, e.g. make_source("exported", folder, threads=2)."""
+    if kind not in SOURCE_BUILDERS:
+        raise ValueError(f"unknown source kind {kind!r}; known: {', '.join(SOURCE_BUILDERS)}")
+    return SOURCE_BUILDERS[kind](*args, **kwargs)
