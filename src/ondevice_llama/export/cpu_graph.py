@@ -31,6 +31,8 @@ class CpuGraphOptions:
     mode: str = "affine"  # projections: symmetric | asymmetric | affine (see quantization.quantizers)
     head_bits: int | None = 8  # embedding and LM head, always symmetric
     accuracy_level: int = 4  # MatMulNBits: 4 computes in int8 (fastest), 0 in float
+    # down_proj reads silu(gate) * up, where LLM activation outliers concentrate; int8 there costs the most accuracy
+    float_down_proj: bool = True
     all_logits: bool = False
 
 
@@ -117,13 +119,16 @@ class CpuPartBuilder:
         if o.mode == "asymmetric":
             inputs.append(g.weight(f"{key}.zero_points", field("zero_points")))
         y = g.make_node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=CONTRIB, K=cols, N=rows,
-                        bits=bits, block_size=o.block_size, accuracy_level=o.accuracy_level)
+                        bits=bits, block_size=o.block_size, accuracy_level=self._accuracy_level(name))
         if o.mode != "affine":
             return y
         blocks = g.make_reshape(f"{name}/blocks", x, [0, 0, cols // o.block_size, o.block_size])
         sums = g.make_node("ReduceSum", [blocks, g.constant([-1])], f"{name}/block_sums/ReduceSum", keepdims=0)
         offsets = g.make_matmul(f"{name}/offsets", sums, g.weight(f"{key}.offsets", field("offsets")))
         return g.make_add(name, y, offsets)
+
+    def _accuracy_level(self, name: str) -> int:
+        return 0 if self.o.float_down_proj and name.endswith("/down_proj") else self.o.accuracy_level
 
     def make_embedding(self, ids: str) -> str:
         """Token embedding; quantized, and with tied weights read straight from the LM head's packed weight."""
