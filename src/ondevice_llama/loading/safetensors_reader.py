@@ -55,14 +55,36 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as float32 (a fresh array; the mapping itself is never written)."""
+    def read_raw(self, name: str) -> np.ndarray:
+        """The tensor in its stored dtype (bfloat16 as uint16), as a read-only view of the mapping."""
         entry = self.entries[name]
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, stop = entry["data_offsets"]
         raw = self._map[self.data_start + start:self.data_start + stop]
-        array = raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
-        if entry["dtype"] == "BF16":
+        return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32 (a fresh array; the mapping itself is never written)."""
+        array = self.read_raw(name)
+        if self.entries[name]["dtype"] == "BF16":
             return (array.astype(np.uint32) << 16).view(np.float32)
         return array.astype(np.float32)
+
+
+CODES = {np.dtype(v): k for k, v in DTYPES.items() if k != "BF16"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Write arrays as one safetensors file, tensor by tensor."""
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": CODES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())

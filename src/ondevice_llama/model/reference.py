@@ -2,9 +2,14 @@
 
 It defines what correct means for every later stage (graph export, quantization, evaluation) and
 is itself tested against Hugging Face's `LlamaForCausalLM`. The math lives in free functions.
+
+Named taps (`layers.3.q`, `layers.3.scores`, ... see `TAPS`) mark every activation an accelerator graph
+quantizes; by default they do nothing, and quantization uses them to observe ranges or fake-quantize.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +19,12 @@ from ..adapt.rope import inv_freq
 from ..config import LlamaConfig
 from ..loading import Checkpoint, TensorSource
 from ..loading.names import LAYER_TENSORS
+
+Tap = Callable[[str, Tensor], Tensor]
+
+
+def identity_tap(name: str, x: Tensor) -> Tensor:
+    return x
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -42,6 +53,12 @@ def repeat_kv(x: Tensor, group_size: int) -> Tensor:
     return x if group_size == 1 else x.repeat_interleave(group_size, dim=1)
 
 
+# Activation taps per layer, in order; the exported graph quantizes the same tensors under the same names.
+LAYER_TAPS = ("input_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "context", "o", "attn_residual",
+              "post_attention_norm", "gate", "up", "silu", "gate_up", "down", "mlp_residual")
+GLOBAL_TAPS = ("embed", "norm", "logits")
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values, written at `input_pos` (gpt-fast style)."""
 
@@ -67,20 +84,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
+        self.tap: Tap = identity_tap
+        self.prefix = ""
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None) -> Tensor:
-        c = self.config
+        c, tap, p = self.config, self.tap, self.prefix
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = tap(p + "q", self.q_proj(x)).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = tap(p + "k", self.k_proj(x)).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = tap(p + "v", self.v_proj(x)).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = tap(p + "q_rope", apply_rope(q, cos, sin)), tap(p + "k_rope", apply_rope(k, cos, sin))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         k, v = repeat_kv(k, c.group_size), repeat_kv(v, c.group_size)
-        scores = (q @ k.transpose(-1, -2)) * c.head_dim**-0.5 + mask
-        out = F.softmax(scores.float(), dim=-1).to(q.dtype) @ v
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+        scores = tap(p + "scores", (q @ k.transpose(-1, -2)) * c.head_dim**-0.5 + mask)
+        probs = tap(p + "probs", F.softmax(scores.float(), dim=-1).to(q.dtype))
+        out = tap(p + "context", probs @ v)
+        return tap(p + "o", self.o_proj(out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)))
 
 
 class FeedForward(nn.Module):
@@ -89,9 +109,14 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tap: Tap = identity_tap
+        self.prefix = ""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        tap, p = self.tap, self.prefix
+        silu = tap(p + "silu", F.silu(tap(p + "gate", self.gate_proj(x))))
+        gate_up = tap(p + "gate_up", silu * tap(p + "up", self.up_proj(x)))
+        return tap(p + "down", self.down_proj(gate_up))
 
 
 class Block(nn.Module):
@@ -102,10 +127,19 @@ class Block(nn.Module):
         self.post_attention_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.attention = Attention(config)
         self.mlp = FeedForward(config)
+        self.tap: Tap = identity_tap
+        self.prefix = ""
+
+    def set_tap(self, tap: Tap, prefix: str) -> None:
+        for module in (self, self.attention, self.mlp):
+            module.tap, module.prefix = tap, prefix
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None) -> Tensor:
-        x = x + self.attention(rms_norm(x, self.input_norm, self.eps), cos, sin, mask, input_pos)
-        return x + self.mlp(rms_norm(x, self.post_attention_norm, self.eps))
+        tap, p = self.tap, self.prefix
+        h = tap(p + "input_norm", rms_norm(x, self.input_norm, self.eps))
+        x = tap(p + "attn_residual", x + self.attention(h, cos, sin, mask, input_pos))
+        h = tap(p + "post_attention_norm", rms_norm(x, self.post_attention_norm, self.eps))
+        return tap(p + "mlp_residual", x + self.mlp(h))
 
 
 class Transformer(nn.Module):
@@ -119,6 +153,13 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.max_len = 0
+        self.set_tap(identity_tap)
+
+    def set_tap(self, tap: Tap) -> None:
+        """Route every named activation through `tap` (observe ranges, fake-quantize); identity by default."""
+        self.tap = tap
+        for i, layer in enumerate(self.layers):
+            layer.set_tap(tap, f"layers.{i}.")
 
     def setup_cache(self, max_len: int, batch: int = 1) -> None:
         """Allocate a KV cache so `forward` can be called step by step with `input_pos`."""
@@ -140,11 +181,11 @@ class Transformer(nn.Module):
         mask = torch.zeros(t, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
         cos, sin = rope_cos_sin(self.config, input_pos)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = self.embed_tokens(tokens)
+        x = self.tap("embed", self.embed_tokens(tokens))
         cache_pos = input_pos if self.max_len else None
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_pos)
-        return self.lm_head(rms_norm(x, self.norm, self.config.rms_norm_eps))
+        return self.tap("logits", self.lm_head(self.tap("norm", rms_norm(x, self.norm, self.config.rms_norm_eps))))
 
 
 def _parameter_name(name: str) -> str:

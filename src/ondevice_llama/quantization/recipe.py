@@ -1,0 +1,80 @@
+"""Quantization recipes: which weights get how many bits, which activations are quantized, and how.
+
+A recipe is data: `export` and `quantize` build one from `--precision` and options, `analyze` writes one,
+and any of them can be saved and given back with `--recipe`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+RECIPE_FORMAT = "ondevice-llama-recipe"
+RECIPE_VERSION = 1
+ALGORITHMS = ("rtn", "gptq")
+HEAD_TENSORS = ("embed_tokens", "lm_head")
+# precision -> (projection bits, activation bits); the embedding and LM head default to 8 bits.
+PRECISIONS = {"w8a16": (8, 16), "w4a16": (4, 16), "w4": (4, None), "w8": (8, None)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    weight_bits: int = 4
+    block_size: int | None = None  # None: per output channel
+    algorithm: str = "gptq"
+    activation_bits: int | None = 16  # None: float activations
+    kv_bits: int = 16  # the KV cache taps (keys after RoPE, values); 8 halves cache size
+    head_bits: int = 8  # embedding and LM head
+    overrides: dict[str, int] = field(default_factory=dict)  # tensor name (e.g. "layers.3.down_proj") -> bits
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in (4, 8) or self.head_bits not in (4, 8):
+            raise ValueError("weight bits must be 4 or 8")
+        if self.block_size not in (None, 32, 64, 128):
+            raise ValueError(f"block size must be 32, 64 or 128 (or per channel), got {self.block_size}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
+        if self.activation_bits not in (None, 8, 16) or self.kv_bits not in (8, 16):
+            raise ValueError("activation and KV bits must be 8 or 16")
+
+    def bits_for(self, tensor: str) -> int:
+        if tensor in self.overrides:
+            return self.overrides[tensor]
+        return self.head_bits if tensor in HEAD_TENSORS else self.weight_bits
+
+    def activation_bits_for(self, tap: str) -> int | None:
+        if self.activation_bits is None:
+            return None
+        return self.kv_bits if tap.endswith((".k_rope", ".v")) else self.activation_bits
+
+    @classmethod
+    def from_precision(cls, precision: str, **options) -> Recipe:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not a quantized precision ({', '.join(PRECISIONS)})")
+        bits, activations = PRECISIONS[precision]
+        return cls(weight_bits=bits, activation_bits=activations, **options)
+
+    def to_dict(self) -> dict:
+        return {"format": RECIPE_FORMAT, "format_version": RECIPE_VERSION} | asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path | str) -> Recipe:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read recipe ({e})") from None
+        if data.get("format") != RECIPE_FORMAT or data.get("format_version") != RECIPE_VERSION:
+            raise ValueError(f"{path}: not an ondevice-llama recipe version {RECIPE_VERSION}")
+        fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: invalid recipe ({e})") from None
+
+    def with_options(self, **options) -> Recipe:
+        return replace(self, **{k: v for k, v in options.items() if v is not None})
