@@ -22,6 +22,7 @@ class CpuKVCache:
         self.keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays[0::2]]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays[1::2]]
         self.length = 0
+        self.bindings: list[ort.IOBinding] | None = None  # made by the engine on first use
 
     def advance(self, valid: int) -> None:
         self.length += valid
@@ -41,24 +42,33 @@ class CpuEngine:
         c = self.manifest.config
         return CpuKVCache(c.num_layers, (1, c.num_kv_heads, self.manifest.context_length, c.head_dim))
 
+    def _bindings(self, cache: CpuKVCache) -> list[ort.IOBinding]:
+        """One IOBinding per part with the cache bound once; each step rebinds only the small inputs."""
+        if cache.bindings is None:
+            cache.bindings = []
+            for part, session in zip(self.manifest.parts, self.sessions, strict=True):
+                binding = session.io_binding()
+                for layer in part.layers:
+                    for kind, values in (("key", cache.keys), ("value", cache.values)):
+                        binding.bind_ortvalue_input(f"past_{kind}_{layer}", values[layer])
+                        binding.bind_ortvalue_output(f"present_{kind}_{layer}", values[layer])
+                cache.bindings.append(binding)
+        return cache.bindings
+
     def step(self, tokens: list[int], cache: CpuKVCache) -> np.ndarray:
         """Any number of tokens in one run of each part; returns logits [positions, vocab]."""
         total = cache.length + len(tokens)
         seqlens_k = np.array([total - 1], np.int32)
         total_length = np.array(total, np.int32)
         hidden: np.ndarray = np.array([tokens], np.int64)
-        for part, session in zip(self.manifest.parts, self.sessions, strict=True):
-            binding = session.io_binding()
+        last = len(self.manifest.parts) - 1
+        for part, session, binding in zip(self.manifest.parts, self.sessions, self._bindings(cache), strict=True):
             binding.bind_cpu_input("input_ids" if part.index == 0 else "hidden_in", hidden)
             binding.bind_cpu_input("seqlens_k", seqlens_k)
             binding.bind_cpu_input("total_sequence_length", total_length)
-            binding.bind_output("logits" if part.index == len(self.manifest.parts) - 1 else "hidden_out")
-            for layer in part.layers:
-                for kind, values in (("key", cache.keys), ("value", cache.values)):
-                    binding.bind_ortvalue_input(f"past_{kind}_{layer}", values[layer])
-                    binding.bind_ortvalue_output(f"present_{kind}_{layer}", values[layer])
+            binding.bind_output("logits" if part.index == last else "hidden_out")
             session.run_with_iobinding(binding)
-            hidden = binding.get_outputs()[0].numpy()
+            hidden = binding.get_outputs()[-1].numpy()
         cache.advance(len(tokens))
         return hidden[0]
 
