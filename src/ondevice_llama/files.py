@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,6 +32,17 @@ def replace_folder(tmp: Path, out: Path) -> None:
         old.rename(out)  # put the earlier export back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_versioned_json(path: Path, fmt: str, version: int, what: str) -> dict:
+    """A JSON file of format `fmt` and `version`, or a one-line ValueError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read {what} ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt or data.get("format_version") != version:
+        raise ValueError(f"{path}: not an ondevice-llama {what} version {version}")
+    return data
 
 
 def sha256_file(path: Path) -> str:

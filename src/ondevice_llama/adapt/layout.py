@@ -55,3 +55,12 @@ def new_key_name(layer: int) -> str:
 
 def new_value_name(layer: int) -> str:
     return f"new_value_{layer}"
+
+
+def present_key_name(layer: int) -> str:
+    """The CPU target's in-place cache output (bound to the same buffer as `past_key_name`)."""
+    return f"present_key_{layer}"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present_value_{layer}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..adapt import layout
 from ..adapt.rope import rope_tables
 from ..config import LlamaConfig
 from ..quantization import quantize_weight
@@ -42,11 +43,11 @@ def cpu_cache_shape(config: LlamaConfig, context_length: int) -> tuple[int, int,
 
 
 def past_names(layer: int) -> tuple[str, str]:
-    return f"past_key_{layer}", f"past_value_{layer}"
+    return layout.past_key_name(layer), layout.past_value_name(layer)
 
 
 def present_names(layer: int) -> tuple[str, str]:
-    return f"present_key_{layer}", f"present_value_{layer}"
+    return layout.present_key_name(layer), layout.present_value_name(layer)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,3 @@ class Graph:
     def make_split(self, name: str, x: str, pieces: int, axis: int) -> list[str]:
         outs = [f"{name}/Split/output_{i}" for i in range(pieces)]
         return self.make_multi_output_node("Split", [x], f"{name}/Split", outs, axis=axis)
-
-    def make_cast(self, name: str, x: str, dtype: np.dtype) -> str:
-        return self.make_node("Cast", [x], f"{name}/Cast", to=ONNX_DTYPES[np.dtype(dtype)])

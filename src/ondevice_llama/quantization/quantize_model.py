@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import LlamaConfig
-from ..files import make_staging_folder, replace_folder
+from ..files import make_staging_folder, read_versioned_json, replace_folder
 from ..loading import Checkpoint, TensorSource
 from ..loading.names import LAYER_TENSORS
 from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
@@ -72,14 +72,8 @@ class QuantizedModel:
     @classmethod
     def load(cls, folder: Path | str) -> QuantizedModel:
         folder = Path(folder)
-        path = folder / "quantization.json"
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a quantized checkpoint ({e})") from None
-        if meta.get("format") != QUANTIZED_FORMAT or meta.get("format_version") != QUANTIZED_VERSION:
-            raise ValueError(f"{path}: not an ondevice-llama quantized checkpoint version {QUANTIZED_VERSION}")
-        recipe_data = {k: v for k, v in meta["recipe"].items() if k not in ("format", "format_version")}
+        meta = read_versioned_json(folder / "quantization.json", QUANTIZED_FORMAT, QUANTIZED_VERSION,
+                                   "quantized checkpoint")
         tensors = SafetensorsFile(folder / "weights.safetensors")
         weights = {}
         for name, info in meta["weights"].items():
@@ -87,7 +81,7 @@ class QuantizedModel:
             weights[name] = QuantizedWeight(codes, tensors.read(f"{name}.scales"), None, info["bits"],
                                             info["group_size"], info["max_error"])
         activations = {n: ActivationEncoding.from_dict(e) for n, e in meta["activations"].items()}
-        return cls(LlamaConfig.from_dict(meta["config"]), Recipe(**recipe_data), weights, activations)
+        return cls(LlamaConfig.from_dict(meta["config"]), Recipe.from_dict(meta["recipe"]), weights, activations)
 
 
 class QuantizedSource:

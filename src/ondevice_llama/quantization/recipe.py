@@ -7,8 +7,10 @@ and any of them can be saved and given back with `--recipe`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..files import read_versioned_json
 
 RECIPE_FORMAT = "ondevice-llama-recipe"
 RECIPE_VERSION = 1
@@ -62,19 +64,13 @@ class Recipe:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        return cls(**{k: v for k, v in data.items() if k not in ("format", "format_version")})
+
+    @classmethod
     def load(cls, path: Path | str) -> Recipe:
-        path = Path(path)
+        data = read_versioned_json(Path(path), RECIPE_FORMAT, RECIPE_VERSION, "recipe")
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read recipe ({e})") from None
-        if data.get("format") != RECIPE_FORMAT or data.get("format_version") != RECIPE_VERSION:
-            raise ValueError(f"{path}: not an ondevice-llama recipe version {RECIPE_VERSION}")
-        fields = {k: v for k, v in data.items() if k not in ("format", "format_version")}
-        try:
-            return cls(**fields)
+            return cls.from_dict(data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: invalid recipe ({e})") from None
-
-    def with_options(self, **options) -> Recipe:
-        return replace(self, **{k: v for k, v in options.items() if v is not None})

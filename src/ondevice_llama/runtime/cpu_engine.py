@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..adapt import layout
 from ..manifest import Manifest
 
 DECODER = "decoder"
@@ -49,9 +50,10 @@ class CpuEngine:
             for part, session in zip(self.manifest.parts, self.sessions, strict=True):
                 binding = session.io_binding()
                 for layer in part.layers:
-                    for kind, values in (("key", cache.keys), ("value", cache.values)):
-                        binding.bind_ortvalue_input(f"past_{kind}_{layer}", values[layer])
-                        binding.bind_ortvalue_output(f"present_{kind}_{layer}", values[layer])
+                    binding.bind_ortvalue_input(layout.past_key_name(layer), cache.keys[layer])
+                    binding.bind_ortvalue_output(layout.present_key_name(layer), cache.keys[layer])
+                    binding.bind_ortvalue_input(layout.past_value_name(layer), cache.values[layer])
+                    binding.bind_ortvalue_output(layout.present_value_name(layer), cache.values[layer])
                 cache.bindings.append(binding)
         return cache.bindings
 
