@@ -61,3 +61,22 @@ def test_quantize_model_end_to_end(tiny_checkpoints, tmp_path):
     simulated.set_tap(FakeQuantTap(again.activations))
     with torch.no_grad():
         assert sqnr_db(load_reference(checkpoint)(tokens), simulated(tokens)) > 25
+
+
+def test_quantize_model_streams_to_disk_identically(tiny_checkpoints, tmp_path):
+    """With `out`, layers are written as they are quantized (4-bit codes packed) and read back unchanged."""
+    checkpoint = open_checkpoint(tiny_checkpoints["mha_untied"])
+    calibration = pack_sequences(builtin_sequences(checkpoint), 32)
+    recipe = Recipe.from_precision("w4a16", block_size=32, algorithm="rtn", overrides={"layers.1.up_proj": 8})
+    in_memory = quantize_model(checkpoint, recipe, calibration, progress=False)
+    on_disk = quantize_model(checkpoint, recipe, calibration, progress=False, out=tmp_path / "q")
+    files = sorted(p.name for p in (tmp_path / "q").iterdir())
+    layers = [f"layer_{i:03d}.safetensors" for i in range(checkpoint.config.num_layers)]
+    assert files == ["head.safetensors", *layers, "quantization.json"]
+    assert set(on_disk.weights) == set(in_memory.weights)
+    for name, q in in_memory.weights.items():
+        np.testing.assert_array_equal(on_disk.weights[name].codes, q.codes)
+        np.testing.assert_array_equal(on_disk.weights[name].scales, q.scales)
+        assert on_disk.weights[name].bits == q.bits
+    assert on_disk.weights["layers.1.up_proj"].bits == 8 and on_disk.weights["layers.1.q_proj"].bits == 4
+    assert on_disk.activations == in_memory.activations

@@ -9,7 +9,9 @@ calibrate against the errors of earlier ones, as GPTQ prescribes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +27,57 @@ from ..model.reference import Block, rms_norm, rope_cos_sin
 from .calibration import RangeObserver, encodings_from_ranges
 from .encodings import ActivationEncoding
 from .gptq import gptq_quantize
-from .quantizers import QuantizedWeight, dequantize, quantize_weight
+from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight, unpack_int4
 from .recipe import Recipe
 
 QUANTIZED_FORMAT = "ondevice-llama-quantized"
-QUANTIZED_VERSION = 1
+QUANTIZED_VERSION = 2
 PROJECTIONS = LAYER_TENSORS[1:5] + LAYER_TENSORS[6:]  # q k v o gate up down
 # Projections that read the same input share one Hessian.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+_LAST_READER = ("v_proj", "o_proj", "up_proj", "down_proj")  # after these, their input's Hessian is freed
+
+
+class QuantizedWeights(Mapping[str, QuantizedWeight]):
+    """Quantized weights on disk, one safetensors file per layer, read one tensor at a time.
+
+    4-bit codes are stored packed two per byte, so a 7B model takes about half its int8 size.
+    """
+
+    def __init__(self, folder: Path, index: dict[str, dict]):
+        self.folder, self.index = Path(folder), index
+        self._files: dict[str, SafetensorsFile] = {}
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        info = self.index[name]
+        file = self._files.get(info["file"])
+        if file is None:
+            file = self._files[info["file"]] = SafetensorsFile(self.folder / info["file"])
+        codes = np.array(file.read_raw(f"{name}.codes"))
+        if info["bits"] == 4:
+            codes = unpack_int4(codes, tuple(info["shape"]))
+        return QuantizedWeight(codes, file.read(f"{name}.scales"), None, info["bits"], info["group_size"],
+                               info["max_error"])
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _write_weights(folder: Path, file: str, weights: dict[str, QuantizedWeight]) -> dict[str, dict]:
+    """Write one file of quantized weights; return their index entries."""
+    tensors, index = {}, {}
+    for name, q in weights.items():
+        tensors[f"{name}.codes"] = pack_int4(q.codes) if q.bits == 4 else q.codes
+        tensors[f"{name}.scales"] = q.scales
+        index[name] = {"file": file, "bits": q.bits, "group_size": q.group_size, "shape": list(q.codes.shape),
+                       "max_error": q.max_error}
+    write_safetensors(folder / file, tensors)
+    return index
 
 
 @dataclass
@@ -43,8 +86,9 @@ class QuantizedModel:
 
     config: LlamaConfig
     recipe: Recipe
-    weights: dict[str, QuantizedWeight]
+    weights: Mapping[str, QuantizedWeight]
     activations: dict[str, ActivationEncoding]
+    calibration: dict = field(default_factory=dict)  # what the encodings were calibrated on
 
     def dequantized(self, name: str) -> np.ndarray:
         q = self.weights[name]
@@ -55,17 +99,8 @@ class QuantizedModel:
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_staging_folder(folder)
-        tensors = {}
-        for name, q in self.weights.items():
-            tensors[f"{name}.codes"] = q.codes
-            tensors[f"{name}.scales"] = q.scales
-        write_safetensors(tmp / "weights.safetensors", tensors)
-        meta = {"format": QUANTIZED_FORMAT, "format_version": QUANTIZED_VERSION, "source": source,
-                "config": self.config.to_dict(), "recipe": self.recipe.to_dict(),
-                "weights": {n: {"bits": q.bits, "group_size": q.group_size, "max_error": q.max_error}
-                            for n, q in self.weights.items()},
-                "activations": {n: e.to_dict() for n, e in self.activations.items()}}
-        (tmp / "quantization.json").write_text(json.dumps(meta, indent=2))
+        index = _write_weights(tmp, "weights.safetensors", dict(self.weights))
+        _write_meta(tmp, self, index, source)
         replace_folder(tmp, folder)
         return folder
 
@@ -74,14 +109,16 @@ class QuantizedModel:
         folder = Path(folder)
         meta = read_versioned_json(folder / "quantization.json", QUANTIZED_FORMAT, QUANTIZED_VERSION,
                                    "quantized checkpoint")
-        tensors = SafetensorsFile(folder / "weights.safetensors")
-        weights = {}
-        for name, info in meta["weights"].items():
-            codes = tensors.read_raw(f"{name}.codes")
-            weights[name] = QuantizedWeight(codes, tensors.read(f"{name}.scales"), None, info["bits"],
-                                            info["group_size"], info["max_error"])
         activations = {n: ActivationEncoding.from_dict(e) for n, e in meta["activations"].items()}
-        return cls(LlamaConfig.from_dict(meta["config"]), Recipe.from_dict(meta["recipe"]), weights, activations)
+        return cls(LlamaConfig.from_dict(meta["config"]), Recipe.from_dict(meta["recipe"]),
+                   QuantizedWeights(folder, meta["weights"]), activations, meta.get("calibration", {}))
+
+
+def _write_meta(folder: Path, model: QuantizedModel, index: dict[str, dict], source: str) -> None:
+    meta = {"format": QUANTIZED_FORMAT, "format_version": QUANTIZED_VERSION, "source": source,
+            "config": model.config.to_dict(), "recipe": model.recipe.to_dict(), "calibration": model.calibration,
+            "weights": index, "activations": {n: e.to_dict() for n, e in model.activations.items()}}
+    (folder / "quantization.json").write_text(json.dumps(meta, indent=2))
 
 
 class QuantizedSource:
@@ -140,46 +177,92 @@ def _hessians(block: Block, hidden: torch.Tensor, cos, sin, mask) -> dict[str, t
     return sums
 
 
-def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Tensor,
-                   progress: bool = True) -> QuantizedModel:
-    """calibration: [rows, length] token ids (see calibration.pack_sequences)."""
+class _WeightSink:
+    """Where quantized weights go: kept in memory, or written to `folder` one file per layer as they come."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.memory: dict[str, QuantizedWeight] = {}
+        self.index: dict[str, dict] = {}
+
+    def add(self, file: str, weights: dict[str, QuantizedWeight]) -> None:
+        if self.folder is None:
+            self.memory |= weights
+        else:
+            self.index |= _write_weights(self.folder, file, weights)
+
+    def mapping(self) -> Mapping[str, QuantizedWeight]:
+        return self.memory if self.folder is None else QuantizedWeights(self.folder, self.index)
+
+
+def _dequantized(q: QuantizedWeight) -> torch.Tensor:
+    return torch.from_numpy(dequantize(q.codes, q.scales, None, q.group_size))
+
+
+def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Tensor, progress: bool = True,
+                   out: Path | str | None = None, calibration_info: dict | None = None) -> QuantizedModel:
+    """calibration: [rows, length] token ids (see calibration.pack_sequences).
+
+    With `out`, each layer's weights are written there as soon as they are quantized (so memory holds one
+    layer, whatever the model size) and the folder becomes a quantized checkpoint that `QuantizedModel.load`
+    reads; without it, everything stays in memory.
+    """
     c, tensors = checkpoint.config, checkpoint.tensors
-    weights: dict[str, QuantizedWeight] = {}
-    observer = RangeObserver()
-    weights["embed_tokens"] = quantize_weight(tensors.get("embed_tokens"), recipe.bits_for("embed_tokens"),
-                                              recipe.block_size)
-    embed = torch.from_numpy(dequantize(weights["embed_tokens"].codes, weights["embed_tokens"].scales, None,
-                                        weights["embed_tokens"].group_size))
-    hidden = observer("embed", embed[calibration])
-    length = calibration.shape[1]
-    cos, sin = rope_cos_sin(c, torch.arange(length))
-    allowed = torch.arange(length)[None, :] <= torch.arange(length)[:, None]
-    mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    for layer in tqdm(range(c.num_layers), desc=f"quantize ({recipe.algorithm})", unit="layer",
-                      disable=not progress, dynamic_ncols=True):
-        block = _load_block(c, tensors, layer)
-        hessians = _hessians(block, hidden, cos, sin, mask) if recipe.algorithm == "gptq" else {}
-        layer_weights = {}
-        for proj in PROJECTIONS:
-            name = f"layers.{layer}.{proj}"
-            weights[name] = _quantize_weight(tensors.get(name), recipe.bits_for(name), recipe,
-                                             hessians.get(SHARED_INPUT[proj]))
-            q = weights[name]
-            layer_weights[name] = dequantize(q.codes, q.scales, None, q.group_size)
-        block = _load_block(c, tensors, layer, layer_weights)
-        block.set_tap(observer, f"layers.{layer}.")
+    tmp = None
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_staging_folder(out)
+    try:
+        sink = _WeightSink(tmp)
+        observer = RangeObserver()
+        embed_q = quantize_weight(tensors.get("embed_tokens"), recipe.bits_for("embed_tokens"), recipe.block_size)
+        embed = _dequantized(embed_q)
+        hidden = observer("embed", embed[calibration])
+        length = calibration.shape[1]
+        cos, sin = rope_cos_sin(c, torch.arange(length))
+        allowed = torch.arange(length)[None, :] <= torch.arange(length)[:, None]
+        mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        for layer in tqdm(range(c.num_layers), desc=f"quantize ({recipe.algorithm})", unit="layer",
+                          disable=not progress, dynamic_ncols=True):
+            block = _load_block(c, tensors, layer)
+            hessians = _hessians(block, hidden, cos, sin, mask) if recipe.algorithm == "gptq" else {}
+            del block
+            layer_weights = {}
+            for proj in PROJECTIONS:
+                name = f"layers.{layer}.{proj}"
+                key = SHARED_INPUT[proj]
+                hessian = hessians.pop(key, None) if proj in _LAST_READER else hessians.get(key)
+                layer_weights[name] = _quantize_weight(tensors.get(name), recipe.bits_for(name), recipe, hessian)
+            block = _load_block(c, tensors, layer, {n: _dequantized(q).numpy() for n, q in layer_weights.items()})
+            sink.add(f"layer_{layer:03d}.safetensors", layer_weights)
+            del layer_weights
+            block.set_tap(observer, f"layers.{layer}.")
+            with torch.no_grad():
+                hidden = block(hidden, cos, sin, mask, None)
+            del block
+        normed = observer("norm", rms_norm(hidden, torch.from_numpy(tensors.get("norm")), c.rms_norm_eps))
+        head_weights = {"embed_tokens": embed_q}
+        if c.tie_word_embeddings:
+            head = embed
+        else:
+            x = normed.reshape(-1, c.hidden_size).double()
+            hessian = x.T @ x if recipe.algorithm == "gptq" else None
+            head_weights["lm_head"] = _quantize_weight(tensors.get("lm_head"), recipe.bits_for("lm_head"), recipe,
+                                                       hessian)
+            head = _dequantized(head_weights["lm_head"])
         with torch.no_grad():
-            hidden = block(hidden, cos, sin, mask, None)
-    normed = observer("norm", rms_norm(hidden, torch.from_numpy(tensors.get("norm")), c.rms_norm_eps))
-    if c.tie_word_embeddings:
-        head = embed
-    else:
-        x = normed.reshape(-1, c.hidden_size).double()
-        hessian = x.T @ x if recipe.algorithm == "gptq" else None
-        weights["lm_head"] = _quantize_weight(tensors.get("lm_head"), recipe.bits_for("lm_head"), recipe, hessian)
-        head = torch.from_numpy(dequantize(weights["lm_head"].codes, weights["lm_head"].scales, None,
-                                           weights["lm_head"].group_size))
-    with torch.no_grad():
-        observer("logits", normed @ head.T)
-    encodings = encodings_from_ranges(observer.ranges, recipe.activation_bits_for)
-    return QuantizedModel(c, recipe, weights, encodings)
+            observer("logits", normed @ head.T)
+        sink.add("head.safetensors", head_weights)
+        encodings = encodings_from_ranges(observer.ranges, recipe.activation_bits_for)
+        model = QuantizedModel(c, recipe, sink.mapping(), encodings, calibration_info or {
+            "rows": int(calibration.shape[0]), "length": int(calibration.shape[1])})
+        if tmp is None:
+            return model
+        _write_meta(tmp, model, sink.index, str(checkpoint.path))
+        replace_folder(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return QuantizedModel.load(out)

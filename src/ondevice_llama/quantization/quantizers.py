@@ -88,3 +88,21 @@ def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None, mod
     codes = quantize(w, scales, zero_points, bits, group)
     error = float(np.abs(dequantize(codes, scales, zero_points, group) - w).max())
     return QuantizedWeight(codes, scales, zero_points, bits, group, error)
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Signed 4-bit codes, two per byte, the first in the low nibble (ONNX INT4 and our quantized checkpoints)."""
+    flat = codes.reshape(-1).astype(np.int8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nibbles = (flat & 0x0F).astype(np.uint8)
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `pack_int4`: int8 codes in [-8, 7] of the given shape."""
+    nibbles = np.empty(packed.size * 2, np.uint8)
+    nibbles[0::2], nibbles[1::2] = packed & 0x0F, packed >> 4
+    signed = nibbles.astype(np.int8)
+    signed[signed > 7] -= 16
+    return signed[:int(np.prod(shape))].reshape(shape)
