@@ -91,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-float", action="store_true",
                           help="exported folder: skip the float reference and measure the export alone")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    synth = sub.add_parser("synthesize", help="write a Hugging Face checkpoint with a real model's layout and "
+                                              "random weights (for speed and memory work)")
+    synth.add_argument("--config", required=True,
+                       help="preset (llama-2-7b-chat, llama-3.2-1b, llama-3.2-3b, tinyllama-1.1b) or a config.json")
+    synth.add_argument("--out", type=Path, required=True, help="output folder")
+    synth.add_argument("--tokenizer", type=Path, default=None,
+                       help="SentencePiece tokenizer.model, tokenizer.json or a folder with one "
+                            "(default: a byte-level tokenizer)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                       help="stored dtype (default: the real checkpoint's)")
+    synth.add_argument("--layers", type=int, default=None, help="keep only the first N layers (same widths)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -148,6 +162,15 @@ def run_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def run_synthesize(args: argparse.Namespace) -> int:
+    from ..loading.synthetic import synthesize
+
+    result = synthesize(args.config, args.out, tokenizer=args.tokenizer, seed=args.seed, dtype=args.dtype,
+                        layers=args.layers, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation.command import run_evaluate
 
@@ -161,7 +184,8 @@ def _stream(text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"export": run_export, "chat": run_chat, "bench": run_bench, "evaluate": run_evaluate}
+    commands = {"export": run_export, "chat": run_chat, "bench": run_bench, "evaluate": run_evaluate,
+                "synthesize": run_synthesize}
     try:
         return commands[args.command](args)
     except (ValueError, OSError, RuntimeError) as e:

@@ -1,7 +1,13 @@
-"""Lazy, memory-mapped safetensors reading with numpy alone.
+"""Lazy safetensors reading with numpy alone, in bounded host memory.
 
 We parse the header ourselves instead of using `safetensors` so that bfloat16 checkpoints load
 without torch, and so that a truncated file is caught before any tensor is read.
+
+`read` copies a tensor out with positional reads into a fresh float32 array, converting in chunks, so
+streaming a whole checkpoint costs one tensor of memory at a time: the file's pages go through the
+page cache (reclaimable) and never into this process's resident set, as they would through a
+long-lived memory map. `read_raw` does map the file, for zero-copy views of small tensors (quantized
+codes); it is not the way to stream a whole model.
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ class SafetensorsFile:
         return tuple(self.entries[name]["shape"])
 
     def read_raw(self, name: str) -> np.ndarray:
-        """The tensor in its stored dtype (bfloat16 as uint16), as a read-only view of the mapping."""
+        """The tensor in its stored dtype (bfloat16 as uint16), as a read-only view of a memory map of the
+        file. Pages it touches stay resident while the map lives (as long as this object): use `read`
+        to stream many or large tensors."""
         entry = self.entries[name]
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
@@ -65,11 +73,46 @@ class SafetensorsFile:
         return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as float32 (a fresh array; the mapping itself is never written)."""
-        array = self.read_raw(name)
-        if self.entries[name]["dtype"] == "BF16":
-            return (array.astype(np.uint32) << 16).view(np.float32)
-        return array.astype(np.float32)
+        """The tensor as a fresh float32 array, read from the file (not mapped), converted in chunks of
+        at most `READ_CHUNK_BYTES`: peak memory is the result plus one chunk."""
+        entry = self.entries[name]
+        stored = np.dtype(DTYPES[entry["dtype"]])
+        start = self.data_start + entry["data_offsets"][0]
+        out = np.empty(entry["shape"], np.float32)
+        flat = out.reshape(-1)
+        if stored == np.float32:
+            read_into(self.path, start, flat)
+            return out
+        step = max(1, READ_CHUNK_BYTES // stored.itemsize)
+        with open(self.path, "rb", buffering=0) as f:
+            for i in range(0, flat.size, step):
+                chunk = np.empty(min(step, flat.size - i), stored)
+                _read_exactly(f, self.path, start + i * stored.itemsize, chunk)
+                if entry["dtype"] == "BF16":  # bfloat16 is float32's top half
+                    np.left_shift(chunk, 16, out=flat[i:i + chunk.size].view(np.uint32), dtype=np.uint32)
+                else:
+                    flat[i:i + chunk.size] = chunk
+        return out
+
+
+READ_CHUNK_BYTES = 32 << 20
+
+
+def read_into(path: Path, offset: int, array: np.ndarray) -> None:
+    """Fill the contiguous `array` with the file's bytes from `offset` (no mapping, no extra copy)."""
+    with open(path, "rb", buffering=0) as f:
+        _read_exactly(f, path, offset, array)
+
+
+def _read_exactly(f, path: Path, offset: int, array: np.ndarray) -> None:
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:done + (1 << 30)])  # Linux reads at most ~2 GiB per call
+        if not n:
+            raise CheckpointError(path, f"truncated: wanted {len(view)} bytes at offset {offset}, got {done}")
+        done += n
 
 
 CODES = {np.dtype(v): k for k, v in DTYPES.items() if k != "BF16"}

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import LlamaConfig
 from .errors import CheckpointError
 from .names import IGNORED, gguf_to_canonical, hf_to_canonical
-from .safetensors_reader import SafetensorsFile
+from .safetensors_reader import SafetensorsFile, read_into
 
 
 class TensorSource(Protocol):
@@ -74,7 +74,7 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 class GGUFSource:
-    """Tensors of a GGUF file, dequantized to float32 one at a time."""
+    """Tensors of a GGUF file, read and dequantized to float32 one at a time (not through a memory map)."""
 
     def __init__(self, path: Path, reader, config: LlamaConfig):  # reader: gguf.GGUFReader
         self.path = path
@@ -97,7 +97,12 @@ class GGUFSource:
         from gguf import quants
 
         tensor = self._tensors[name]
-        array = np.array(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a fresh copy
+        # Read the bytes into a fresh buffer rather than through the reader's memory map, whose touched
+        # pages would stay resident: streaming every tensor would cost the whole file in RSS.
+        raw = np.empty(tensor.data.shape, tensor.data.dtype)
+        read_into(self.path, tensor.data_offset, raw)
+        array = np.array(quants.dequantize(raw, tensor.tensor_type), dtype=np.float32)  # a fresh copy
+        del raw
         array = array.reshape(self.shape(name))
         if name.endswith(".q_proj"):
             array = unpermute_rope_rows(array, self.config.num_heads)

@@ -1,0 +1,85 @@
+"""Host memory helpers, and weight reading that does not keep a checkpoint resident."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from ondevice_llama import memory
+from ondevice_llama.loading import safetensors_reader
+from ondevice_llama.loading.safetensors_reader import SafetensorsFile, write_safetensors
+from ondevice_llama.memory import PeakRssSampler, current_rss_bytes
+
+MB = 2**20
+
+
+def test_memory_figures_are_sane():
+    total, available = memory.total_bytes(), memory.available_bytes()
+    assert 256 * MB < total < 2**50
+    assert 0 < available < 2 * total + 2**40  # swap may add to it
+    rss = current_rss_bytes()
+    assert 10 * MB < rss < total
+    assert memory.peak_rss_bytes() >= 0.9 * rss
+
+
+def test_peak_sampler_sees_a_phase_peak_after_the_memory_is_freed():
+    gc.collect()
+    with PeakRssSampler(interval=0.01) as sampler:
+        block = np.ones(64 * MB // 8)  # touched, so resident
+        sampler.sample()
+        del block
+    assert sampler.growth_bytes >= 60 * MB
+    assert sampler.peak_bytes >= sampler.start_bytes + 60 * MB
+    assert current_rss_bytes() < sampler.peak_bytes - 40 * MB  # freed again, and the peak remembered
+
+
+def test_chunked_reads_convert_exactly(tmp_path, monkeypatch):
+    """Every stored dtype, read through chunks smaller than one tensor, gives the exact float32 values."""
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal((37, 29)).astype(np.float32)
+    tensors = {"f32": wide, "f16": wide.astype(np.float16), "i8": (wide * 10).astype(np.int8)}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    monkeypatch.setattr(safetensors_reader, "READ_CHUNK_BYTES", 100)
+    file = SafetensorsFile(tmp_path / "x.safetensors")
+    for name, array in tensors.items():
+        got = file.read(name)
+        assert got.dtype == np.float32 and got.shape == array.shape
+        np.testing.assert_array_equal(got, array.astype(np.float32))
+
+
+def test_reading_a_whole_file_keeps_rss_far_below_its_size(tmp_path):
+    """Stream every tensor of a 128 MB float16 file: memory is one tensor at a time, not the file (a memory
+    map kept open would leave every page read resident)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.safetensors"
+    block = rng.standard_normal(2 * MB).astype(np.float16)  # 4 MB stored, 8 MB as float32
+    write_safetensors(path, {f"t{i}": block.reshape(1024, 2048) for i in range(32)})
+    size = path.stat().st_size
+    assert size > 128 * MB
+    file = SafetensorsFile(path)
+    file.read("t0")
+    gc.collect()
+    checksum = 0.0
+    with PeakRssSampler(interval=0.005) as sampler:
+        for name in file.names():
+            checksum += float(file.read(name)[0, 0])
+    assert sampler.growth_bytes < size / 4, f"RSS grew {sampler.growth_bytes / MB:.0f} MB reading {size / MB:.0f} MB"
+    assert checksum == 32 * float(block[0])
+
+
+def test_reading_a_gguf_does_not_keep_it_resident(default_path):
+    """The default model's GGUF: after dequantizing every tensor, RSS is back near where it started."""
+    from ondevice_llama.loading import open_checkpoint
+
+    if not default_path.is_file():
+        pytest.skip("default model not installed")
+    checkpoint = open_checkpoint(default_path)
+    gc.collect()
+    before = current_rss_bytes()
+    for name in checkpoint.tensors.names():
+        checkpoint.tensors.get(name)
+    gc.collect()
+    grown = current_rss_bytes() - before
+    assert grown < default_path.stat().st_size / 2, f"RSS grew {grown / MB:.0f} MB"
