@@ -22,6 +22,14 @@ TINY_GQA = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num
 TINY_CONFIGS = {"mha_untied": TINY_MHA, "gqa_tied": TINY_GQA}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Cached exports and quantized checkpoints go to a temporary folder, never the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONDEVICE_LLAMA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

@@ -45,7 +45,7 @@ def test_bench_writes_sane_json_and_plot(exports, tmp_path, capsys, target):
     assert code == 0
     report = json.loads(out_json.read_text())
     assert (report["target"], report["threads"], report["repetitions"]) == (target, 1, 2)
-    assert report["precision"] == ("w4" if target == "cpu" else "fp32")
+    assert report["precision"] == ("w4" if target == "cpu" else "w4a16")
     assert set(report["ttft_s"]) == {"16", "64"}  # 1000 does not fit the context of 256
     assert any("1000" in note for note in report["notes"])
     assert report["pp512"] is None and report["pp512_spread"] is None

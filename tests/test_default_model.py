@@ -62,7 +62,8 @@ def transformers_greedy(hf_default_model, prompt_ids) -> list[list[int]]:
 @pytest.mark.parametrize("num_parts", [1, 2, 4])
 def test_exported_greedy_equals_transformers(default_checkpoint, prompt_ids, transformers_greedy, tmp_path,
                                              num_parts):
-    export_model(default_checkpoint, tmp_path / "export", ExportOptions(num_parts=num_parts), progress=False)
+    options = ExportOptions(num_parts=num_parts, precision="fp32")
+    export_model(default_checkpoint, tmp_path / "export", options, progress=False)
     model = ExportedModel(tmp_path / "export")
     assert len(model.manifest.parts) == num_parts and model.sequence_length == 128
     for ids, expected in zip(prompt_ids, transformers_greedy, strict=True):

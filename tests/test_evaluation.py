@@ -149,7 +149,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluation")
     ck = write_synthetic_checkpoint(TINY, root / "ck")
     checkpoint = open_checkpoint(ck)
-    npu = ExportOptions(sequence_length=16, context_length=64, all_logits=True)
+    npu = ExportOptions(sequence_length=16, context_length=64, all_logits=True, precision="fp32")
     cpu = ExportOptions(target="cpu", precision="fp32", context_length=64, all_logits=True)
     export_model(checkpoint, root / "npu", npu, progress=False)
     export_model(checkpoint, root / "cpu", cpu, progress=False)

@@ -25,7 +25,7 @@ from ondevice_llama.manifest import ManifestError, load_manifest
 # Wide enough that page-alignment padding stays well under 5% of a part's weights.
 CONFIG = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                      num_kv_heads=2, tie_word_embeddings=True)
-OPTIONS = ExportOptions(num_parts=2, sequence_length=8, context_length=32)
+OPTIONS = ExportOptions(num_parts=2, sequence_length=8, context_length=32, precision="fp32")
 SMALL_ARGS = ["--sequence-length", "8", "--context-length", "32", "--quiet"]
 
 

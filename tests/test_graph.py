@@ -56,7 +56,8 @@ def references(tiny_checkpoints):
 def test_exported_parts_match_reference(tiny_checkpoints, references, tmp_path, name, use_conv, num_parts):
     """Chunked, left-padded prefill (21 tokens = 8 + 8 + 5) then decode, against one uncached forward."""
     checkpoint = open_checkpoint(tiny_checkpoints[name])
-    options = ExportOptions(num_parts=num_parts, sequence_length=N, context_length=C, use_conv=use_conv)
+    options = ExportOptions(num_parts=num_parts, sequence_length=N, context_length=C, use_conv=use_conv,
+                            precision="fp32")
     export_model(checkpoint, tmp_path / "export", options, progress=False)
     model = ExportedModel(tmp_path / "export")
     tokens = torch.randint(0, checkpoint.config.vocab_size, (30,), generator=torch.Generator().manual_seed(3))
@@ -72,7 +73,7 @@ def test_exported_parts_match_reference(tiny_checkpoints, references, tmp_path, 
 def test_all_logits_and_token_generator_fallback(tiny_checkpoints, references, tmp_path):
     """All-position logits for evaluation; prompts past the prompt processor's capacity go token by token."""
     checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
-    options = ExportOptions(num_parts=2, sequence_length=N, context_length=C, all_logits=True)
+    options = ExportOptions(num_parts=2, sequence_length=N, context_length=C, all_logits=True, precision="fp32")
     export_model(checkpoint, tmp_path / "export", options, progress=False)
     model = ExportedModel(tmp_path / "export")
     tokens = torch.randint(0, 300, (C,), generator=torch.Generator().manual_seed(4))

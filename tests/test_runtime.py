@@ -27,7 +27,7 @@ C = 40
 def exported(tiny_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("runtime") / "export"
     export_model(open_checkpoint(tiny_checkpoints["gqa_tied"]), out,
-                 ExportOptions(num_parts=2, sequence_length=8, context_length=C), progress=False)
+                 ExportOptions(num_parts=2, sequence_length=8, context_length=C, precision="fp32"), progress=False)
     return out
 
 
@@ -41,7 +41,7 @@ def chat_model(tiny_checkpoints, tmp_path_factory):
     """Room for chat-formatted prompts, which the byte-level tiny tokenizer makes long."""
     out = tmp_path_factory.mktemp("chat") / "export"
     export_model(open_checkpoint(tiny_checkpoints["gqa_tied"]), out,
-                 ExportOptions(num_parts=1, sequence_length=16, context_length=240), progress=False)
+                 ExportOptions(num_parts=1, sequence_length=16, context_length=240, precision="fp32"), progress=False)
     return ExportedModel(out)
 
 

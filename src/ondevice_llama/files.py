@@ -10,6 +10,18 @@ import tempfile
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Where derived artefacts (cached exports, quantized checkpoints) live; $ONDEVICE_LLAMA_CACHE overrides."""
+    return Path(os.environ.get("ONDEVICE_LLAMA_CACHE", Path.home() / ".cache" / "ondevice-llama"))
+
+
+def fingerprint(path: Path) -> list:
+    """Identity of a file or folder for cache keys: resolved path, and size and mtime of each file in it."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [str(path)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def make_staging_folder(out: Path) -> Path:
     """A temporary folder beside `out`, readable like any folder the user makes (mkdtemp's is private)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

@@ -56,6 +56,7 @@ class PartManifest:
     weights_file: str
     weights_sha256: str
     graphs: dict[str, GraphManifest]
+    encodings_file: str | None = None  # AIMET/QNN encodings of the part's quantized tensors
 
     @property
     def layers(self) -> range:
@@ -65,7 +66,7 @@ class PartManifest:
     def from_dict(cls, data: dict[str, Any]) -> PartManifest:
         graphs = {kind: GraphManifest.from_dict(g) for kind, g in data["graphs"].items()}
         return cls(int(data["index"]), int(data["first_layer"]), int(data["end_layer"]),
-                   data["weights_file"], data["weights_sha256"], graphs)
+                   data["weights_file"], data["weights_sha256"], graphs, data.get("encodings_file"))
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ def load_manifest(folder: Path | str) -> Manifest:
         raise ManifestError(path, f"malformed manifest ({type(e).__name__}: {e})") from None
     files = [manifest.tokenizer_file] + [p.weights_file for p in manifest.parts]
     files += [g.file for p in manifest.parts for g in p.graphs.values()]
+    files += [p.encodings_file for p in manifest.parts if p.encodings_file]
     for file in files:
         if not (folder / file).exists():
             raise ManifestError(path, f"lists {file}, which is missing from the folder")

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 
+from ..files import cache_root, fingerprint
 from ..manifest import FORMAT_VERSION, ManifestError, load_manifest
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ONDEVICE_LLAMA_CACHE", Path.home() / ".cache" / "ondevice-llama"))
 
 
 def cached_export(checkpoint_path: Path | None, options) -> Path:
@@ -24,8 +21,8 @@ def cached_export(checkpoint_path: Path | None, options) -> Path:
     path = (checkpoint_path or default_checkpoint_path()).resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    stat = path.stat()
-    key = json.dumps([str(path), stat.st_size, stat.st_mtime_ns, asdict(options), FORMAT_VERSION], sort_keys=True)
+    key = json.dumps([fingerprint(path), asdict(options), FORMAT_VERSION, version("ondevice-llama")], sort_keys=True,
+                     default=str)
     folder = cache_root() / "exports" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     try:
         load_manifest(folder)

@@ -18,8 +18,20 @@ def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None
                    help=f"npu: static-shape split-head graphs for accelerators; cpu: fused ONNX Runtime CPU graph "
                         f"(default {default_target})")
     p.add_argument("--precision", default=None,
-                   help="weights: fp32 | w8 | w4 (default: fp32 for npu, w4 for cpu)")
-    p.add_argument("--block-size", type=int, default=32, help="weight quantization block size (default 32)")
+                   help="npu: fp32 | fp16 | w8a16 | w4a16 | w8 | w4 (default w4a16: 4-bit weights, 16-bit "
+                        "activations); cpu: fp32 | w8 | w4 (default w4)")
+    p.add_argument("--block-size", type=_block_size, default=32,
+                   help="weight quantization block: 32, 64 or 128, or 0 for per output channel (npu only) (default 32)")
+    p.add_argument("--algorithm", choices=("rtn", "gptq"), default=None,
+                   help="npu weight quantization: gptq (default) or rtn (round to nearest)")
+    p.add_argument("--recipe", type=Path, default=None,
+                   help="npu: quantization recipe file (e.g. written by `ondevice-llama analyze`)")
+    p.add_argument("--calibration-file", type=Path, default=None,
+                   help="npu: UTF-8 text to calibrate on instead of the built-in chats and prose")
+    p.add_argument("--quantized", type=Path, default=None,
+                   help="npu: export this quantized checkpoint (from `ondevice-llama quantize`) instead of quantizing")
+    p.add_argument("--kv-bits", type=int, choices=(8, 16), default=16,
+                   help="npu w4a16/w8a16: bits of the KV cache entries (default 16)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="cpu target: MatMulNBits compute type, 4 = int8 (fastest), 0 = float (default 4)")
     p.add_argument("--num-parts", type=int, default=None,
@@ -36,7 +48,14 @@ def _export_options(args: argparse.Namespace, all_logits: bool = False):
     return ExportOptions(num_parts=args.num_parts, sequence_length=args.sequence_length,
                          context_length=args.context_length, use_conv=not args.linear, all_logits=all_logits,
                          target=args.target, precision=args.precision, block_size=args.block_size,
-                         accuracy_level=args.accuracy_level)
+                         accuracy_level=args.accuracy_level, algorithm=args.algorithm, recipe=args.recipe,
+                         calibration_file=args.calibration_file, quantized=args.quantized, kv_bits=args.kv_bits)
+
+
+def _block_size(text: str) -> int | None:
+    if text not in ("0", "32", "64", "128"):
+        raise argparse.ArgumentTypeError(f"must be 32, 64, 128 or 0 (per channel), got {text}")
+    return int(text) or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--all-logits", action="store_true",
                         help="last part returns logits for every position (for evaluation)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    quantize = sub.add_parser("quantize", help="quantize a checkpoint into a reusable quantized checkpoint")
+    quantize.add_argument("--checkpoint", type=Path, default=None,
+                          help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    quantize.add_argument("--out", type=Path, required=True, help="output folder (a quantized checkpoint)")
+    quantize.add_argument("--precision", choices=("w8a16", "w4a16", "w8", "w4"), default="w4a16",
+                          help="weights and activations (default w4a16)")
+    quantize.add_argument("--block-size", type=_block_size, default=32,
+                          help="32, 64 or 128, or 0 for per output channel (default 32)")
+    quantize.add_argument("--algorithm", choices=("rtn", "gptq"), default=None, help="default gptq")
+    quantize.add_argument("--recipe", type=Path, default=None, help="recipe file (overrides the options above)")
+    quantize.add_argument("--calibration-file", type=Path, default=None,
+                          help="UTF-8 text to calibrate on instead of the built-in chats and prose")
+    quantize.add_argument("--kv-bits", type=int, choices=(8, 16), default=16, help="KV cache bits (default 16)")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bar")
 
     chat = sub.add_parser("chat", help="chat with an exported model (exports the checkpoint first if needed)")
     source = chat.add_mutually_exclusive_group()
@@ -88,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=int, default=4096, help="evaluate the first T tokens (default 4096)")
     evaluate.add_argument("--json", type=Path, default=None, help="write every figure and setting as JSON here")
     evaluate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    evaluate.add_argument("--precision", choices=("w8a16", "w4a16", "w8", "w4"), default=None,
+                          help="checkpoint: also measure it quantized (simulated) at this precision")
+    evaluate.add_argument("--block-size", type=_block_size, default=32,
+                          help="with --precision: 32, 64, 128, or 0 for per channel (default 32)")
+    evaluate.add_argument("--algorithm", choices=("rtn", "gptq"), default=None, help="with --precision (default gptq)")
+    evaluate.add_argument("--calibration-file", type=Path, default=None, help="with --precision: calibration text")
     evaluate.add_argument("--no-float", action="store_true",
                           help="exported folder: skip the float reference and measure the export alone")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stored dtype (default: the real checkpoint's)")
     synth.add_argument("--layers", type=int, default=None, help="keep only the first N layers (same widths)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    analyze = sub.add_parser("analyze", help="4-bit sensitivity of every layer's projections, and a w4a16 recipe "
+                                             "keeping the most sensitive at 8 bits")
+    analyze.add_argument("--checkpoint", type=Path, default=None,
+                         help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    analyze.add_argument("--out", type=Path, required=True, help="recipe file to write (for export --recipe)")
+    analyze.add_argument("--block-size", type=_block_size, default=32,
+                         help="32, 64 or 128, or 0 for per output channel (default 32)")
+    analyze.add_argument("--algorithm", choices=("rtn", "gptq"), default=None, help="default gptq")
+    analyze.add_argument("--calibration-file", type=Path, default=None,
+                         help="UTF-8 text to measure on instead of the built-in chats and prose")
+    analyze.add_argument("--budget", type=float, default=0.1,
+                         help="at most this fraction of the projection parameters at 8 bits (default 0.1)")
+    analyze.add_argument("--max-tokens", type=int, default=4096,
+                         help="measure on at most T calibration tokens, whole rows spread over the set (default "
+                              "4096; 0 = all)")
+    analyze.add_argument("--json", type=Path, default=None, help="write the full report as JSON here")
+    analyze.add_argument("--plot", type=Path, default=None, help="write a layers x projections heatmap PNG here")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -114,8 +173,29 @@ def run_export(args: argparse.Namespace) -> int:
 
     checkpoint = open_checkpoint(args.checkpoint)
     manifest = export_model(checkpoint, args.out, _export_options(args, args.all_logits), progress=not args.quiet)
-    print(f"exported {manifest.model_name}: {manifest.target} target, {manifest.precision}, "
+    quantization = manifest.extra.get("quantization", {}).get("description")
+    print(f"exported {manifest.model_name}: {manifest.target} target, {quantization or manifest.precision}, "
           f"{len(manifest.parts)} part(s), N={manifest.sequence_length}, C={manifest.context_length} -> {args.out}")
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from ..loading import open_checkpoint
+    from ..quantization.pipeline import prepare_quantized
+    from ..quantization.recipe import Recipe
+
+    checkpoint = open_checkpoint(args.checkpoint)
+    if args.recipe is not None:
+        recipe = Recipe.load(args.recipe)
+    else:
+        extra = {"algorithm": args.algorithm} if args.algorithm else {}
+        recipe = Recipe.from_precision(args.precision, block_size=args.block_size, kv_bits=args.kv_bits, **extra)
+    if args.out.exists() and not (args.out / "quantization.json").exists() and any(args.out.iterdir()):
+        raise FileExistsError(f"{args.out}: exists and is not a quantized checkpoint; choose another --out")
+    quantized, folder = prepare_quantized(checkpoint, recipe, args.calibration_file, out=args.out,
+                                          progress=not args.quiet)
+    print(f"quantized {checkpoint.name}: {quantized.recipe.describe()}, {len(quantized.weights)} weights, "
+          f"{len(quantized.activations)} activation encodings -> {folder}")
     return 0
 
 
@@ -177,6 +257,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return run_evaluate(args)
 
 
+def run_analyze(args: argparse.Namespace) -> int:
+    from ..quantization.sensitivity import run_analyze
+
+    return run_analyze(args)
+
+
 def _stream(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -184,8 +270,9 @@ def _stream(text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"export": run_export, "chat": run_chat, "bench": run_bench, "evaluate": run_evaluate,
-                "synthesize": run_synthesize}
+    commands = {"export": run_export, "quantize": run_quantize, "chat": run_chat, "bench": run_bench,
+                "evaluate": run_evaluate,
+                "synthesize": run_synthesize, "analyze": run_analyze}
     try:
         return commands[args.command](args)
     except (ValueError, OSError, RuntimeError) as e:

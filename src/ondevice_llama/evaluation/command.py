@@ -1,4 +1,9 @@
-"""`ondevice-llama evaluate`: perplexity of an exported model (and its float source), or of a checkpoint."""
+"""`ondevice-llama evaluate`: perplexity, KL and top-1 agreement of float, simulated-quantized and exported models.
+
+`--model` is an exported folder (measured with its float source and, for quantized exports, the simulated
+model it must match), a quantized checkpoint (float and simulated), or a checkpoint (float, plus simulated
+when `--precision` asks for a quantization).
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"model": str(model_path)}
     if model_path.is_dir() and (model_path / MANIFEST_FILE).exists():
         sources, tokens, window = _exported(args, info)
+    elif model_path.is_dir() and (model_path / "quantization.json").exists():
+        sources, tokens, window = _quantized(args, info)
     else:
         sources, tokens, window = _checkpoint(args, info)
     reference = "float" if "float" in sources and len(sources) > 1 else None
-    report = evaluate(sources, tokens, window, reference=reference, progress=not args.quiet)
+    compare = (("exported", "simulated"),) if {"exported", "simulated"} <= set(sources) else ()
+    report = evaluate(sources, tokens, window, reference=reference, progress=not args.quiet, compare=compare)
     print(f"{info['model_name']} on {args.text}:")
     print(report.table())
     if args.json is not None:
@@ -67,14 +75,43 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
         from ..loading import open_checkpoint
 
         float_checkpoint = manifest.source
-        sources["float"] = float_logits(open_checkpoint(manifest.source))
+        checkpoint = open_checkpoint(manifest.source)
+        sources["float"] = float_logits(checkpoint)
+        quantized = manifest.extra.get("quantization", {}).get("quantized_checkpoint")
+        if quantized and Path(quantized).exists():
+            from ..quantization.quantize_model import QuantizedModel
+            from .sources import simulated_logits
+
+            sources["simulated"] = simulated_logits(checkpoint, QuantizedModel.load(quantized))
+            info["quantized_checkpoint"] = quantized
+        elif quantized:
+            print(f"{quantized}: the export's quantized checkpoint is gone; no simulated model to compare with",
+                  file=sys.stderr)
     info["float_checkpoint"] = float_checkpoint
     sources["exported"] = exported_logits(ExportedModel(args.model, threads=args.threads))
     return sources, tokens, window
 
 
+def _quantized(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
+    """A quantized checkpoint: the float checkpoint it came from and the simulated quantized model."""
+    from ..loading import open_checkpoint
+    from ..quantization.quantize_model import QuantizedModel
+    from .sources import float_logits, simulated_logits
+
+    quantized = QuantizedModel.load(args.model)
+    source = quantized.source
+    if not source or not Path(source).exists():
+        raise ValueError(f"{args.model}: the checkpoint it was quantized from ({source or 'unknown'}) is gone")
+    checkpoint = open_checkpoint(source)
+    info |= {"kind": "quantized", "model_name": checkpoint.name, "float_checkpoint": str(checkpoint.path),
+             "quantization": quantized.recipe.to_dict()}
+    tokens = load_text_tokens(args.text, checkpoint.tokenizer, args.max_tokens)
+    return {"float": float_logits(checkpoint), "simulated": simulated_logits(checkpoint, quantized)}, tokens, \
+        args.context_length
+
+
 def _checkpoint(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
-    """A checkpoint (Hugging Face folder or .gguf): the float reference alone."""
+    """A checkpoint (Hugging Face folder or .gguf): the float reference, and the simulated model of --precision."""
     from ..loading import open_checkpoint
     from .sources import float_logits
 
@@ -84,4 +121,15 @@ def _checkpoint(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[st
     checkpoint = open_checkpoint(args.model)
     info |= {"kind": "checkpoint", "model_name": checkpoint.name, "float_checkpoint": str(checkpoint.path)}
     tokens = load_text_tokens(args.text, checkpoint.tokenizer, args.max_tokens)
-    return {"float": float_logits(checkpoint)}, tokens, args.context_length
+    sources = {"float": float_logits(checkpoint)}
+    if args.precision is not None:
+        from ..quantization.pipeline import prepare_quantized
+        from ..quantization.recipe import Recipe
+        from .sources import simulated_logits
+
+        extra = {"algorithm": args.algorithm} if args.algorithm else {}
+        recipe = Recipe.from_precision(args.precision, block_size=args.block_size, **extra)
+        quantized, folder = prepare_quantized(checkpoint, recipe, args.calibration_file, progress=not args.quiet)
+        sources["simulated"] = simulated_logits(checkpoint, quantized)
+        info |= {"quantization": recipe.to_dict(), "quantized_checkpoint": str(folder)}
+    return sources, tokens, args.context_length

@@ -52,11 +52,13 @@ class EvaluationReport:
     positions: int  # scored positions per source: tokens - windows
     reference: str | None
     sources: dict[str, SourceResult] = field(default_factory=dict)
+    comparisons: dict[str, SourceResult] = field(default_factory=dict)  # "a vs b": a measured against b
 
     def to_dict(self) -> dict[str, Any]:
         return {"window": self.window, "tokens": self.tokens, "windows": self.windows,
                 "positions": self.positions, "reference": self.reference,
-                "sources": {name: vars(result).copy() for name, result in self.sources.items()}}
+                "sources": {name: vars(result).copy() for name, result in self.sources.items()},
+                "comparisons": {name: vars(result).copy() for name, result in self.comparisons.items()}}
 
     def table(self) -> str:
         """A plain-text table, one row per source, preceded by a line that says what was measured."""
@@ -80,15 +82,19 @@ class EvaluationReport:
         for row in rows:
             cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
             lines.append("  ".join(cells).rstrip())
+        for name, r in self.comparisons.items():
+            lines.append(f"{name}: KL {r.kl_to_reference:.3e} nats/token, "
+                         f"top-1 agreement {100 * r.top1_agreement:.2f}%")
         return "\n".join(lines)
 
 
 def evaluate(sources: dict[str, LogitFn], tokens: list[int], window: int, reference: str | None = "float",
-             progress: bool = True) -> EvaluationReport:
+             progress: bool = True, compare: tuple[tuple[str, str], ...] = ()) -> EvaluationReport:
     """Score every source on `tokens` window by window (see the module docstring for the protocol).
 
     `reference` names the source the others are compared with (KL divergence, top-1 agreement); None
-    compares nothing and gives perplexity alone.
+    compares nothing and gives perplexity alone. `compare` adds pairs (a, b) measuring a against b too,
+    e.g. ("exported", "simulated"); b must come before a in `sources`.
     """
     if not sources:
         raise ValueError("nothing to evaluate: no sources")
@@ -98,20 +104,31 @@ def evaluate(sources: dict[str, LogitFn], tokens: list[int], window: int, refere
     if not windows:
         raise ValueError(f"{len(tokens)} token(s): at least 2 are needed to score anything")
     order = ([reference] if reference else []) + [name for name in sources if name != reference]
+    for a, b in compare:
+        if a not in order or b not in order or order.index(b) > order.index(a):
+            raise ValueError(f"cannot compare {a!r} with {b!r}: both must be sources, {b!r} listed first")
     sums = {name: Sums() for name in order}
+    pair_sums = {pair: Sums() for pair in compare}
+    kept_for = {b for _, b in compare}
     for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress, dynamic_ncols=True):
         targets = np.asarray(ids[1:], dtype=np.int64)
-        reference_log_probs = None
+        reference_log_probs, kept = None, {}
         for name in order:
             log_probs = log_softmax(_window_logits(name, sources[name], ids)[:-1])
             sums[name] += log_prob_sums(log_probs, targets, reference_log_probs)
             if name == reference:
                 reference_log_probs = log_probs
+            for a, b in compare:
+                if a == name:
+                    pair_sums[(a, b)] += log_prob_sums(log_probs, targets, kept[b])
+            if name in kept_for:
+                kept[name] = log_probs
     results = {name: SourceResult.from_sums(sums[name], reference is not None and name != reference)
                for name in sources}
     total = sum(len(w) for w in windows)
+    comparisons = {f"{a} vs {b}": SourceResult.from_sums(pair_sums[(a, b)], True) for a, b in compare}
     return EvaluationReport(window=window, tokens=total, windows=len(windows), positions=total - len(windows),
-                            reference=reference, sources=results)
+                            reference=reference, sources=results, comparisons=comparisons)
 
 
 def _window_logits(name: str, fn: LogitFn, ids: list[int]) -> np.ndarray:

@@ -1,10 +1,11 @@
 """Where logits come from: each source is a `LogitFn` (token ids of one window -> logits [len, vocab]).
 
 - "float": the PyTorch reference in fp32 (torch is imported only when this source is built);
-- "exported": an exported folder run by ONNX Runtime (no torch), which needs an --all-logits export.
+- "exported": an exported folder run by ONNX Runtime (no torch), which needs an --all-logits export;
+- "simulated": the fp32 reference on a `QuantizedModel`'s dequantized weights, every activation with an
+  encoding fake-quantized (`FakeQuantTap`): what a quantized export must match.
 
-`SOURCE_BUILDERS` is the registry of source kinds; a "simulated" source (the reference with fake-quantized
-weights) is meant to be registered there next to these two.
+`SOURCE_BUILDERS` is the registry of source kinds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..loading import Checkpoint, open_checkpoint
 from .evaluate import LogitFn
 
 if TYPE_CHECKING:
+    from ..quantization.quantize_model import QuantizedModel
     from ..runtime import ExportedModel
 
 
@@ -31,6 +33,27 @@ def float_logits(checkpoint: Checkpoint | Path | str | None) -> LogitFn:
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
     model = load_reference(checkpoint, torch.float32)
+
+    def logits(tokens: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([tokens], dtype=torch.long))[0].float().numpy()
+
+    return logits
+
+
+def simulated_logits(checkpoint: Checkpoint | Path | str | None, quantized: QuantizedModel) -> LogitFn:
+    """The reference on `quantized`'s integer weights (dequantized; the checkpoint's float tensors for the
+    rest) with activations fake-quantized to the recipe's encodings."""
+    import torch
+
+    from ..model import build_reference
+    from ..quantization.calibration import FakeQuantTap
+    from ..quantization.quantize_model import QuantizedSource
+
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint)
+    model = build_reference(checkpoint.config, QuantizedSource(checkpoint.tensors, quantized), torch.float32)
+    model.set_tap(FakeQuantTap(quantized.activations))
 
     def logits(tokens: list[int]) -> np.ndarray:
         with torch.no_grad():
@@ -66,11 +89,11 @@ def require_all_logits(folder: Path | str) -> None:
                          f"export it again with `ondevice-llama export --all-logits ...` to evaluate it")
 
 
-# Source kind -> builder of its LogitFn. The "simulated" source (quantization simulated in the reference)
-# belongs here too, with a builder taking the checkpoint and its quantization recipe.
+# Source kind -> builder of its LogitFn.
 SOURCE_BUILDERS: dict[str, Callable[..., LogitFn]] = {
     "float": float_logits,
     "exported": exported_logits,
+    "simulated": simulated_logits,
 }
 
 

@@ -1,13 +1,19 @@
 """Export a checkpoint as per-part ONNX prompt processors and token generators.
 
-Everything is written into a temporary folder beside the destination and renamed into place at the
-end, so an interrupted export never leaves a folder that looks complete.
+Everything is written into a staging folder beside the destination (`.NAME.partial`) and renamed into
+place at the end, so an interrupted export never leaves a folder that looks complete. Each finished part
+is recorded there with the checksums of its files; running the same export again verifies and reuses
+those parts and exports only the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
-from dataclasses import dataclass, replace
+import sys
+from dataclasses import asdict, dataclass, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +21,14 @@ import onnx
 from tqdm import tqdm
 
 from ..config import LlamaConfig
-from ..files import make_staging_folder, replace_folder, sha256_file
+from ..files import fingerprint, replace_folder, sha256_file
 from ..loading import Checkpoint
 from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec
+from ..quantization.recipe import PRECISIONS as RECIPE_PRECISIONS
+from ..quantization.recipe import Recipe
 from .cpu_graph import CpuGraphOptions, build_cpu_part_graph
 from .graph import Graph, WeightFile
-from .llama_graph import GraphOptions, PartSpec, build_part_graph
+from .llama_graph import GraphOptions, GraphQuantization, PartSpec, build_part_graph
 
 SEVEN_B_PARAMETERS = 6_000_000_000
 
@@ -33,14 +41,20 @@ class ExportOptions:
     use_conv: bool = True
     all_logits: bool = False
     target: str = "npu"  # "npu": static-shape SHA graphs; "cpu": fused ORT contrib ops, dynamic length
-    precision: str | None = None  # None: the target's default (npu: fp32, cpu: w4)
-    block_size: int = 32  # weight quantization block
+    precision: str | None = None  # None: the target's default (npu: w4a16, cpu: w4)
+    block_size: int | None = 32  # weight quantization block; None: per output channel (npu target only)
     accuracy_level: int = 4  # cpu target: MatMulNBits compute type (4: int8, fastest; 0: float)
+    algorithm: str | None = None  # npu quantized precisions: rtn | gptq (None: the recipe's default)
+    recipe: Path | None = None  # a recipe file (e.g. from `analyze`) instead of one built from the precision
+    calibration_file: Path | None = None  # text to calibrate on instead of the built-in set
+    quantized: Path | None = None  # a quantized checkpoint (from `quantize`) to export instead of quantizing
+    kv_bits: int = 16  # npu quantized precisions: 8 quantizes the KV cache entries to 8 bits
 
 
 TARGETS = ("npu", "cpu")
-PRECISIONS = {"npu": ("fp32",), "cpu": ("fp32", "w8", "w4")}
-DEFAULT_PRECISION = {"npu": "fp32", "cpu": "w4"}
+# npu: fp16 stores float16 weights; wXaY quantizes weights to X bits and activations to Y (QDQ), w4/w8 weights only.
+PRECISIONS = {"npu": ("fp32", "fp16", "w8a16", "w4a16", "w8", "w4"), "cpu": ("fp32", "w8", "w4")}
+DEFAULT_PRECISION = {"npu": "w4a16", "cpu": "w4"}
 
 
 def default_num_parts(config: LlamaConfig) -> int:
@@ -76,8 +90,15 @@ def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOption
     if precision not in PRECISIONS[options.target]:
         raise ValueError(f"--precision {precision} is not supported for the {options.target} target "
                          f"(supported: {', '.join(PRECISIONS[options.target])})")
-    if precision != "fp32" and config.hidden_size % options.block_size:
-        raise ValueError(f"--block-size {options.block_size} does not divide the hidden size {config.hidden_size}")
+    quantized = precision not in ("fp32", "fp16")
+    if quantized and options.block_size is None and options.target == "cpu":
+        raise ValueError("--block-size: the cpu target needs a block size (32, 64 or 128)")
+    if quantized and options.block_size and (config.hidden_size % options.block_size
+                                             or config.intermediate_size % options.block_size):
+        raise ValueError(f"--block-size {options.block_size} does not divide the hidden size {config.hidden_size} "
+                         f"and the intermediate size {config.intermediate_size}")
+    if options.target == "cpu" and (options.recipe or options.quantized or options.algorithm):
+        raise ValueError("--recipe, --quantized and --algorithm apply to the npu target's quantized precisions")
     parts = options.num_parts or default_num_parts(config)
     context = options.context_length or default_context_length(config)
     if options.sequence_length < 1:
@@ -101,8 +122,23 @@ def _specs(values: list[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(v.name, np.dtype(dtype(v.type.tensor_type.elem_type)).name, _dims(v)) for v in values)
 
 
+def export_recipe(options: ExportOptions) -> Recipe | None:
+    """The quantization recipe of a resolved npu export, or None for float precisions."""
+    if options.target != "npu" or options.precision in ("fp32", "fp16"):
+        return None
+    if options.recipe is not None:
+        recipe = Recipe.load(options.recipe)
+        expected = RECIPE_PRECISIONS[options.precision][1]
+        if recipe.activation_bits != expected:
+            raise ValueError(f"{options.recipe}: recipe quantizes activations to {recipe.activation_bits} bits, "
+                             f"but --precision {options.precision} means {expected}")
+        return recipe
+    extra = {"algorithm": options.algorithm} if options.algorithm else {}
+    return Recipe.from_precision(options.precision, block_size=options.block_size, kv_bits=options.kv_bits, **extra)
+
+
 def _build_graphs(checkpoint: Checkpoint, part: PartSpec, options: ExportOptions, weights: WeightFile,
-                  on_layer) -> dict[str, tuple[str, Graph]]:
+                  on_layer, quantization: GraphQuantization | None) -> dict[str, tuple[str, Graph]]:
     """kind -> (file name, graph) for one part: PP and TG on the NPU target, one decoder on the CPU target."""
     number = part.index + 1
     if options.target == "cpu":
@@ -116,7 +152,8 @@ def _build_graphs(checkpoint: Checkpoint, part: PartSpec, options: ExportOptions
     graphs = {}
     for kind, n in (("prompt_processor", options.sequence_length), ("token_generator", 1)):
         graph = Graph(f"{kind}_part{number}", weights)
-        graph_options = GraphOptions(n, options.context_length, options.use_conv, options.all_logits)
+        graph_options = GraphOptions(n, options.context_length, options.use_conv, options.all_logits, quantization,
+                                     fp16_weights=options.precision == "fp16")
         build_part_graph(graph, checkpoint.config, checkpoint.tensors, part, graph_options, on_layer)
         graphs[kind] = (f"{kind}_part{number}.onnx", graph)
     return graphs
@@ -127,21 +164,101 @@ def graph_passes(options: ExportOptions) -> int:
     return 1 if options.target == "cpu" else 2
 
 
-def _export_part(checkpoint: Checkpoint, folder: Path, part: PartSpec, options: ExportOptions,
-                 bar: tqdm) -> PartManifest:
+def _encodings_file(graphs: list[Graph]) -> dict:
+    """AIMET/QNN encodings of every quantized tensor of a part's graphs, keyed by graph tensor name."""
+    activations, params = {}, {}
+    for graph in graphs:
+        activations |= {name: [e.to_aimet()] for name, e in graph.activation_encodings.items()}
+        params |= graph.param_encodings
+    return {"version": "0.6.1", "activation_encodings": activations, "param_encodings": params}
+
+
+def _export_part(checkpoint: Checkpoint, folder: Path, part: PartSpec, options: ExportOptions, bar: tqdm,
+                 quantization: GraphQuantization | None) -> PartManifest:
     number = part.index + 1
     weights = WeightFile(folder / f"weights_part{number}.bin")
-    graphs = {}
+    graphs, built = {}, []
     try:
         bar.set_description(f"part {number}/{options.num_parts}")
-        for kind, (file, graph) in _build_graphs(checkpoint, part, options, weights, lambda: bar.update(1)).items():
+        on_layer = lambda: bar.update(1)  # noqa: E731
+        for kind, (file, graph) in _build_graphs(checkpoint, part, options, weights, on_layer, quantization).items():
             onnx.save_model(graph.to_model(), folder / file)
             n = options.sequence_length if kind == "prompt_processor" else 1 if kind == "token_generator" else -1
             graphs[kind] = GraphManifest(file, n, _specs(graph.inputs), _specs(graph.outputs))
+            built.append(graph)
     finally:
         weights.close()
+    encodings = None
+    if quantization is not None:
+        encodings = f"encodings_part{number}.json"
+        (folder / encodings).write_text(json.dumps(_encodings_file(built), indent=1))
     return PartManifest(part.index, part.layers.start, part.layers.stop, weights.path.name,
-                        sha256_file(weights.path), graphs)
+                        sha256_file(weights.path), graphs, encodings)
+
+
+# ---- resuming an interrupted export ---------------------------------------------------------------
+PROGRESS_FILE = "progress.json"
+
+
+def staging_folder(out: Path) -> Path:
+    return out.with_name(f".{out.name}.partial")
+
+
+def _part_files(part: PartManifest) -> list[str]:
+    return [part.weights_file, *(g.file for g in part.graphs.values())] + ([part.encodings_file]
+                                                                         if part.encodings_file else [])
+
+
+def _finished_parts(staging: Path, key: str) -> dict[int, PartManifest]:
+    """Parts an earlier run of the same export finished, whose files still match their checksums."""
+    try:
+        progress = json.loads((staging / PROGRESS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if progress.get("key") != key:
+        return {}
+    finished = {}
+    for entry in progress.get("parts", []):
+        part = PartManifest.from_dict(entry["part"])
+        if all((staging / f).exists() and sha256_file(staging / f) == entry["sha256"].get(f)
+               for f in _part_files(part)):
+            finished[part.index] = part
+    return finished
+
+
+def _record_progress(staging: Path, key: str, parts: dict[int, PartManifest]) -> None:
+    entries = [{"part": asdict(p), "sha256": {f: (p.weights_sha256 if f == p.weights_file else
+                                                  sha256_file(staging / f)) for f in _part_files(p)}}
+               for p in parts.values()]
+    tmp = staging / f"{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps({"key": key, "parts": entries}, indent=1))
+    tmp.replace(staging / PROGRESS_FILE)
+
+
+def _export_key(checkpoint: Checkpoint, options: ExportOptions, quantized_folder: Path | None) -> str:
+    """Identity of an export: the same key means a staged part can be reused."""
+    identity = [fingerprint(checkpoint.path), asdict(options), version("ondevice-llama"),
+                fingerprint(quantized_folder) if quantized_folder else None]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _quantization(checkpoint: Checkpoint, options: ExportOptions, progress: bool
+                  ) -> tuple[GraphQuantization | None, dict, Path | None]:
+    """What the graphs quantize, the manifest's record of it, and the quantized checkpoint's folder."""
+    recipe = export_recipe(options)
+    if recipe is None:
+        return None, {}, None
+    from ..quantization.pipeline import load_quantized, prepare_quantized
+
+    if options.quantized is not None:
+        quantized, folder = load_quantized(options.quantized, checkpoint), options.quantized
+    else:
+        quantized, folder = prepare_quantized(checkpoint, recipe, options.calibration_file, progress=progress)
+    activations = quantized.activations if quantized.recipe.activation_bits else {}
+    info = {"quantization": {"recipe": quantized.recipe.to_dict(), "description": quantized.recipe.describe(),
+                             "quantized_checkpoint": str(Path(folder).resolve()),
+                             "calibration": quantized.calibration}}
+    return GraphQuantization(quantized.weights, activations), info, Path(folder)
 
 
 def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions = ExportOptions(),
@@ -155,25 +272,43 @@ def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions
     options = resolve_options(checkpoint.config, options)
     parts = plan_parts(checkpoint.config.num_layers, options.num_parts)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_staging_folder(out)
+    quantization, extra, quantized_folder = _quantization(checkpoint, options, progress)
+    if options.target == "cpu" and options.precision != "fp32":
+        extra = {"block_size": options.block_size, "accuracy_level": options.accuracy_level,
+                 "weight_mode": "affine", "head_bits": 8}
+    key = _export_key(checkpoint, options, quantized_folder)
+    staging = staging_folder(out)
+    done = _finished_parts(staging, key) if staging.exists() else {}
+    if done:
+        if progress:
+            print(f"resuming the export in {staging}: part(s) {', '.join(str(k + 1) for k in sorted(done))} "
+                  f"already done and verified", file=sys.stderr)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
     try:
-        total = graph_passes(options) * checkpoint.config.num_layers
+        total = graph_passes(options) * sum(len(p.layers) for p in parts if p.index not in done)
         with tqdm(total=total, unit="layer", disable=not progress, dynamic_ncols=True) as bar:
-            part_manifests = tuple(_export_part(checkpoint, tmp, p, options, bar) for p in parts)
-        checkpoint.tokenizer.save(str(tmp / "tokenizer.json"))
+            for part in parts:
+                if part.index not in done:
+                    done[part.index] = _export_part(checkpoint, staging, part, options, bar, quantization)
+                    _record_progress(staging, key, done)
+        checkpoint.tokenizer.save(str(staging / "tokenizer.json"))
         manifest = Manifest(
             model_name=checkpoint.name, source=str(checkpoint.path), config=checkpoint.config,
             special_tokens=checkpoint.special_tokens, chat_template=checkpoint.chat_template,
             precision=options.precision, target=options.target, use_conv=options.use_conv,
             sequence_length=options.sequence_length, context_length=options.context_length,
-            all_logits=options.all_logits, parts=part_manifests,
-            extra={"block_size": options.block_size, "accuracy_level": options.accuracy_level,
-                   "weight_mode": "affine", "head_bits": 8}
-            if options.target == "cpu" and options.precision != "fp32" else {},
+            all_logits=options.all_logits, parts=tuple(done[p.index] for p in parts), extra=extra,
         )
-        manifest.save(tmp)
-        replace_folder(tmp, out)
+        manifest.save(staging)
+        (staging / PROGRESS_FILE).unlink()
+        replace_folder(staging, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if done:
+            print(f"export stopped; {len(done)} finished part(s) kept in {staging}: run the same command again "
+                  f"to resume", file=sys.stderr)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest

@@ -14,7 +14,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
+from ..quantization.encodings import ActivationEncoding
+from ..quantization.quantizers import pack_int4
+
+OPSET = 21  # int4 and uint16 in QuantizeLinear/DequantizeLinear, block-wise DequantizeLinear
 CONTRIB = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulNBits, GroupQueryAttention, ...)
 PAGE = 4096  # large tensors start on a page boundary so a runtime can memory-map them
 
@@ -24,26 +27,38 @@ ONNX_DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Te
                np.dtype(np.uint16): TensorProto.UINT16}
 
 
+class Int4:
+    """Signed 4-bit codes (held as int8) to be stored packed as an ONNX INT4 tensor."""
+
+    def __init__(self, codes: np.ndarray):
+        self.codes = codes
+
+
 class WeightFile:
     """One external-data file shared by every graph of a part: a tensor is written once, by name."""
 
     def __init__(self, path: Path):
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
-        self._written: dict[str, tuple[int, int, np.dtype, tuple[int, ...]]] = {}
+        self._written: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}
 
-    def tensor(self, name: str, produce: Callable[[], np.ndarray]) -> TensorProto:
+    def tensor(self, name: str, produce: Callable[[], np.ndarray | Int4]) -> TensorProto:
         """A TensorProto pointing into this file; `produce` runs only if `name` is not written yet."""
         if name not in self._written:
-            array = np.ascontiguousarray(produce())
+            value = produce()
+            if isinstance(value, Int4):
+                data, data_type, shape = pack_int4(value.codes), TensorProto.INT4, value.codes.shape
+            else:
+                value = np.ascontiguousarray(value)
+                data, data_type, shape = value, ONNX_DTYPES[value.dtype], value.shape
             offset = self._file.tell()
-            align = PAGE if array.nbytes >= PAGE else 64
+            align = PAGE if data.nbytes >= PAGE else 64
             pad = -offset % align
             self._file.write(b"\0" * pad)
-            self._file.write(array.tobytes())
-            self._written[name] = (offset + pad, array.nbytes, array.dtype, array.shape)
-        offset, length, dtype, shape = self._written[name]
-        proto = TensorProto(name=name, data_type=ONNX_DTYPES[dtype], dims=shape)
+            self._file.write(data.tobytes())
+            self._written[name] = (offset + pad, data.nbytes, data_type, shape)
+        offset, length, data_type, shape = self._written[name]
+        proto = TensorProto(name=name, data_type=data_type, dims=shape)
         proto.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
             proto.external_data.add(key=key, value=str(value))
@@ -68,6 +83,9 @@ class Graph:
         self.outputs: list[onnx.ValueInfoProto] = []
         self.initializers: dict[str, TensorProto] = {}
         self._constants: dict[tuple, str] = {}
+        # Quantized tensors by graph tensor name (float activations and float weights), for encodings files.
+        self.activation_encodings: dict[str, ActivationEncoding] = {}
+        self.param_encodings: dict[str, list[dict]] = {}
 
     # ---- graph interface -------------------------------------------------------------------
     def add_input(self, name: str, dtype: np.dtype, shape: Sequence[int]) -> str:
@@ -81,7 +99,7 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[np.dtype(dtype)], list(shape)))
         return name
 
-    def weight(self, name: str, produce: Callable[[], np.ndarray]) -> str:
+    def weight(self, name: str, produce: Callable[[], np.ndarray | Int4]) -> str:
         """A weight initializer stored in the shared external file."""
         if name not in self.initializers:
             self.initializers[name] = self.weights.tensor(name, produce)
@@ -150,7 +168,7 @@ class Graph:
         return self.make_node("Softmax", [x], f"{name}/Softmax", axis=axis)
 
     def make_reduce_mean(self, name: str, x: str, axis: int) -> str:
-        return self.make_node("ReduceMean", [x], f"{name}/ReduceMean", axes=[axis], keepdims=1)
+        return self.make_node("ReduceMean", [x, self.constant([axis])], f"{name}/ReduceMean", keepdims=1)
 
     def make_transpose(self, name: str, x: str, perm: Sequence[int]) -> str:
         return self.make_node("Transpose", [x], f"{name}/Transpose", perm=list(perm))
@@ -167,4 +185,12 @@ class Graph:
 
     def make_split(self, name: str, x: str, pieces: int, axis: int) -> list[str]:
         outs = [f"{name}/Split/output_{i}" for i in range(pieces)]
-        return self.make_multi_output_node("Split", [x], f"{name}/Split", outs, axis=axis)
+        return self.make_multi_output_node("Split", [x], f"{name}/Split", outs, axis=axis, num_outputs=pieces)
+
+    def make_quantize(self, name: str, x: str, scale: str, zero_point: str) -> str:
+        return self.make_node("QuantizeLinear", [x, scale, zero_point], f"{name}/QuantizeLinear")
+
+    def make_dequantize(self, name: str, q: str, scale: str, zero_point: str | None = None,
+                        output: str | None = None, **attrs) -> str:
+        inputs = [q, scale] + ([zero_point] if zero_point else [])
+        return self.make_node("DequantizeLinear", inputs, f"{name}/DequantizeLinear", output=output, **attrs)

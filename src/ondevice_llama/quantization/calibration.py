@@ -1,15 +1,30 @@
 """Calibration data and activation range observers.
 
-The built-in set mixes chat turns (rendered with the model's own chat template, so the special tokens
-and formatting a deployed model sees are covered) with plain prose, code and lists.
+The built-in set has two parts:
+
+- hand-written chat turns (rendered with the model's own chat template, so the special tokens and
+  formatting a deployed model sees are covered) and plain prose, code and lists;
+- text the float model writes itself (data-free, as in LLM-QAT): from each of `SEED_PROMPTS` (chat
+  questions in the chat template, and openings of prose, code, lists, letters, dialogue, other languages)
+  it continues with seeded sampling. GPTQ needs many more positions than a layer has inputs (1,536 for the
+  default model's down_proj); a few hand-written paragraphs overfit it. The text is generated once per
+  model and cached under `~/.cache/ondevice-llama/calibration` ($ONDEVICE_LLAMA_CACHE moves it), keyed by
+  the model's name, configuration and weights and the generation settings.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..adapt.mask import MASK_VALUE
 from ..loading import Checkpoint
@@ -53,8 +68,149 @@ TEXTS: tuple[str, ...] = (
 )
 
 
-def builtin_sequences(checkpoint: Checkpoint) -> list[list[int]]:
-    """Token ids of the built-in calibration set."""
+SEED_PROMPTS: tuple[tuple[str, str], ...] = (  # ("chat", user message) or ("text", opening to continue)
+    ("chat", "What causes the seasons on Earth?"),
+    ("chat", "Write a short story about a lighthouse keeper who finds a message in a bottle."),
+    ("chat", "How does a hash table work? Give an example in Python."),
+    ("chat", "What are the main differences between the Roman Republic and the Roman Empire?"),
+    ("chat", "Give me a weekly workout plan for a beginner."),
+    ("chat", "Explain the difference between weather and climate to a ten-year-old."),
+    ("chat", "Write a polite email asking my landlord to fix the heating."),
+    ("chat", "What is the derivative of x^3 + 2x^2 - 5x + 1? Show the steps."),
+    ("chat", "Summarize the causes of the First World War."),
+    ("chat", "Write a SQL query that finds the ten customers with the highest total orders."),
+    ("chat", "What should I pack for a week of hiking in the mountains?"),
+    ("chat", "Describe how vaccines train the immune system."),
+    ("chat", "Compose a poem about the sea at night."),
+    ("chat", "What are some good habits for learning a new language?"),
+    ("chat", "Explain recursion and give a JavaScript example."),
+    ("chat", "Who was Marie Curie and what did she discover?"),
+    ("chat", "How do I make fresh pasta at home?"),
+    ("chat", "Compare electric cars and petrol cars in a table."),
+    ("chat", "What is inflation and why do central banks raise interest rates?"),
+    ("chat", "Plan a three-day trip to Kyoto."),
+    ("chat", "Explain what a neural network is, step by step."),
+    ("chat", "Quelle est la différence entre un virus et une bactérie ?"),
+    ("chat", "¿Cuáles son los planetas del sistema solar?"),
+    ("chat", "Fix this code: for i in range(10) print(i)"),
+    ("text", "The history of the city begins in the"),
+    ("text", "In 1887, the young engineer"),
+    ("text", "= Battle of the River Plate =\n\nThe Battle of the River Plate was"),
+    ("text", "Abstract. We study the problem of"),
+    ("text", "Chapter 1\n\nThe rain had not stopped for three days when"),
+    ("text", "import numpy as np\n\n\ndef moving_average(values, window):\n"),
+    ("text", "#include <stdio.h>\n\nint main(int argc, char **argv) {\n"),
+    ("text", "Breaking news: officials confirmed on Tuesday that"),
+    ("text", "The species is found mainly in the tropical forests of"),
+    ("text", "Step 1: Preheat the oven to 180 degrees."),
+    ("text", "Q: How many moons does Jupiter have?\nA:"),
+    ("text", "Dear Sir or Madam,\n\nI am writing to"),
+    ("text", "The album was released in 1994 and reached number"),
+    ("text", "Theorem 2. Let G be a finite group and"),
+    ("text", "| Country | Capital | Population |\n|---|---|---|\n"),
+    ("text", "Der Zug fuhr langsam in den Bahnhof ein, und"),
+    ("text", "The match ended 2-1 after a late goal from"),
+    ("text", "Customer review: I bought this blender last month and"),
+    ("text", "The mitochondria is an organelle that"),
+    ("text", "<html>\n<head>\n  <title>"),
+    ("text", "JOHN: Where were you last night?\nMARY:"),
+    ("text", "Section 3.2 of the agreement states that"),
+    ("text", "Top 10 tips for saving money:\n1."),
+    ("text", "On a cold morning in January, the village"),
+)
+GENERATION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the model's own calibration text is sampled: `length` tokens per seed prompt (prompt included)."""
+
+    length: int = 512
+    temperature: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+    batch: int = 48
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("ONDEVICE_LLAMA_CACHE", Path.home() / ".cache" / "ondevice-llama")) / "calibration"
+
+
+def _model_key(checkpoint: Checkpoint, settings: Generation) -> str:
+    digest = hashlib.sha256(json.dumps([checkpoint.config.to_dict(), SEED_PROMPTS, vars(settings),
+                                        GENERATION_VERSION]).encode())
+    for name in ("embed_tokens", f"layers.{checkpoint.config.num_layers - 1}.down_proj"):
+        digest.update(np.ascontiguousarray(checkpoint.tensors.get(name)).tobytes())
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in checkpoint.name)
+    return f"{safe}-{digest.hexdigest()[:16]}"
+
+
+def seed_prompt_ids(checkpoint: Checkpoint) -> list[list[int]]:
+    tok, special, template = checkpoint.tokenizer, checkpoint.special_tokens, checkpoint.chat_template
+    prompts = []
+    for kind, text in SEED_PROMPTS:
+        if kind == "chat":
+            prompts.append(format_chat(tok, [{"role": "user", "content": text}], special, template))
+        else:
+            ids = tok.encode(text, add_special_tokens=False).ids
+            prompts.append(([special.bos_id] if special.add_bos and special.bos_id is not None else []) + ids)
+    return prompts
+
+
+def generate_sequences(checkpoint: Checkpoint, settings: Generation = Generation(), progress: bool = True
+                       ) -> list[list[int]]:
+    """Each seed prompt continued by the float model to `settings.length` tokens (seeded sampling)."""
+    from ..model import load_reference
+
+    prompts = [p[:settings.length] for p in seed_prompt_ids(checkpoint)]
+    model = load_reference(checkpoint, torch.float32)
+    generator = torch.Generator().manual_seed(settings.seed)
+    sequences = []
+    batches = range(0, len(prompts), settings.batch)
+    bar = tqdm(total=len(batches) * (settings.length - 1), desc="calibration text", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    for first in batches:
+        group = prompts[first:first + settings.batch]
+        model.setup_cache(settings.length, batch=len(group))
+        tokens = torch.zeros(len(group), settings.length, dtype=torch.long)
+        for row, prompt in enumerate(group):
+            tokens[row, :len(prompt)] = torch.tensor(prompt)
+        # One token per step for every row; rows still inside their prompt take the prompt's next token.
+        for t in range(settings.length - 1):
+            with torch.no_grad():
+                logits = model(tokens[:, t:t + 1], torch.tensor([t]))[:, -1].double() / settings.temperature
+            top = torch.topk(logits, settings.top_k, dim=-1)
+            pick = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+            sampled = top.indices.gather(1, pick)[:, 0]
+            for row, prompt in enumerate(group):
+                if t + 1 >= len(prompt):
+                    tokens[row, t + 1] = sampled[row]
+            bar.update()
+        sequences += tokens.tolist()
+    bar.close()
+    return sequences
+
+
+def generated_sequences(checkpoint: Checkpoint, settings: Generation = Generation(), cache: bool = True,
+                        progress: bool = True) -> list[list[int]]:
+    """`generate_sequences`, read from the cache when this model already generated them."""
+    path = cache_folder() / f"{_model_key(checkpoint, settings)}.npy"
+    if cache and path.exists():
+        return np.load(path).tolist()
+    if progress:
+        print(f"generating calibration text with {checkpoint.name} ({len(SEED_PROMPTS)} x {settings.length} "
+              f"tokens, once; cached in {path.parent})", file=sys.stderr)
+    sequences = generate_sequences(checkpoint, settings, progress)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as f:
+            np.save(f, np.asarray(sequences, np.int32))
+        os.replace(f.name, path)
+    return sequences
+
+
+def handwritten_sequences(checkpoint: Checkpoint) -> list[list[int]]:
+    """Token ids of the hand-written calibration chats and texts."""
     tok, special, template = checkpoint.tokenizer, checkpoint.special_tokens, checkpoint.chat_template
     sequences = []
     for i, (user, assistant) in enumerate(CHATS):
@@ -63,6 +219,14 @@ def builtin_sequences(checkpoint: Checkpoint) -> list[list[int]]:
             messages.insert(0, {"role": "system", "content": "You are a concise, helpful assistant."})
         sequences.append(format_chat(tok, messages, special, template, add_generation_prompt=False))
     sequences += [tok.encode(text, add_special_tokens=False).ids for text in TEXTS]
+    return sequences
+
+
+def builtin_sequences(checkpoint: Checkpoint, generated: bool = True, progress: bool = True) -> list[list[int]]:
+    """Token ids of the built-in calibration set: the hand-written set, then the model's own text."""
+    sequences = handwritten_sequences(checkpoint)
+    if generated:
+        sequences += generated_sequences(checkpoint, progress=progress)
     return sequences
 
 

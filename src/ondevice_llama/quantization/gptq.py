@@ -1,8 +1,16 @@
 """GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding error
 onto the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
 
-Symmetric codes, per output channel or block-wise along the input dimension (scales chosen when a block
-starts, from the error-updated weights).
+Symmetric codes, per output channel or block-wise along the input dimension. Options:
+
+- `act_order` (GPTQ's "desc_act"): visit columns by decreasing Hessian diagonal, so the inputs that carry
+  the most energy are rounded first, while many columns are still left to absorb their error. Block scales
+  are then "static": chosen up front from the original weights in the original column order, so the
+  blocks stay contiguous (what the on-device format stores) whatever the visiting order.
+- `clip_search`: each group's scale is the absmax scale shrunk by the factor (from `CLIP_GRID`) that gives
+  the smallest squared rounding error, weighted by the Hessian diagonal (1.0 is on the grid, so this
+  never does worse than absmax on that measure).
+- without `act_order`, block scales are chosen when a block starts, from the error-updated weights.
 """
 
 from __future__ import annotations
@@ -10,40 +18,119 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .quantizers import QuantizedWeight, choose_qparams, dequantize
+from .quantizers import QuantizedWeight, dequantize
+
+CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.00, 0.98, ..., 0.50
+
+
+def search_scales(w: torch.Tensor, bits: int, group_size: int, importance: torch.Tensor | None = None,
+                  grid: tuple[float, ...] = CLIP_GRID) -> torch.Tensor:
+    """Symmetric scales [out, groups] minimizing sum importance[col] * (w - dequantized w)^2 per group.
+
+    w: [out, in]; importance: [in] non-negative column weights (None: plain MSE). Shrink factors below 1
+    clip the group's largest weights to get a finer grid for the rest.
+    """
+    out, cols = w.shape
+    if cols % group_size:
+        raise ValueError(f"input size {cols} is not a multiple of the block size {group_size}")
+    qmax = 2 ** (bits - 1) - 1
+    g = w.reshape(out, cols // group_size, group_size)
+    weights = (torch.ones(cols, dtype=w.dtype) if importance is None else importance.to(w.dtype))
+    weights = weights.reshape(1, cols // group_size, group_size)
+    absmax = g.abs().amax(dim=-1)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    best_scale, best_error = absmax / qmax, None
+    for shrink in grid:
+        scale = absmax * shrink / qmax
+        q = torch.clamp(torch.round(g / scale[..., None]), -qmax - 1, qmax)
+        error = (((q * scale[..., None] - g) ** 2) * weights).sum(dim=-1)
+        if best_error is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error
+            best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
+    return best_scale
+
+
+def _scales(w: torch.Tensor, bits: int, group_size: int, clip_search: bool, importance: torch.Tensor) -> torch.Tensor:
+    if clip_search:
+        return search_scales(w, bits, group_size, importance)
+    qmax = 2 ** (bits - 1) - 1
+    absmax = w.reshape(w.shape[0], -1, group_size).abs().amax(dim=-1)
+    return torch.where(absmax > 0, absmax, torch.full_like(absmax, float(qmax))) / qmax
+
+
+_last_factor: list = []  # [(hessian, damp, act_order), (perm, factor)]: projections sharing an input share one
+
+
+def _inverse_factor(hessian: torch.Tensor, h: torch.Tensor, damp: float, act_order: bool
+                    ) -> tuple[torch.Tensor, np.ndarray]:
+    """The visiting order and the upper Cholesky factor U of the damped, permuted H^-1 (H^-1 = U^T U).
+
+    With J the reversal, chol(J H J) = L gives U = J L^-1 J: one Cholesky and one triangular solve. The last
+    result is kept, so q/k/v (and gate/up), which are given the very same Hessian tensor, factor it once.
+    """
+    if _last_factor and _last_factor[0][0] is hessian and _last_factor[0][1:] == (damp, act_order):
+        return _last_factor[1]
+    cols = h.shape[0]
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
+    h = h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    factor = torch.linalg.solve_triangular(lower, torch.eye(cols, dtype=h.dtype), upper=False).flip(0, 1).numpy()
+    _last_factor[:] = [(hessian, damp, act_order), (perm, factor)]
+    return perm, factor
 
 
 def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_size: int | None,
-                  damp: float = 0.01, step: int = 128) -> QuantizedWeight:
-    """weight [out, in] float32; hessian [in, in] = sum of x^T x over calibration inputs."""
-    w = torch.from_numpy(weight.astype(np.float32)).double()
-    h = hessian.double().clone()
-    cols = w.shape[1]
+                  damp: float = 0.01, step: int = 32, act_order: bool = False,
+                  clip_search: bool = False) -> QuantizedWeight:
+    """weight [out, in] float32; hessian [in, in] = sum of x^T x over calibration inputs.
+
+    damp: fraction of the mean Hessian diagonal added to the diagonal (regularizes a Hessian estimated from
+    few positions, pulling GPTQ towards plain rounding). step: columns per lazy batch update (speed only).
+    """
+    w = torch.from_numpy(np.asarray(weight, np.float32)).double()
+    h = torch.as_tensor(hessian).double().clone()
+    out, cols = w.shape
     group = block_size or cols
+    if cols % group:
+        raise ValueError(f"input size {cols} is not a multiple of the block size {group}")
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    importance = torch.diag(h).clone()
+    static = act_order or group == cols
+    scales = (_scales(w, bits, group, clip_search, importance) if static
+              else torch.zeros(out, cols // group, dtype=w.dtype))
+    perm, h_inv = _inverse_factor(hessian, h, damp, act_order)
+    # The column loop in numpy on the transposed weight (one visited column = one contiguous row): several
+    # times faster than torch for these small steps.
+    wt = w[:, perm].T.contiguous().numpy()
+    scales_t = scales.T.contiguous().numpy()  # [groups, out], filled in as blocks start when not static
+    group_of = (perm // group).numpy()  # the (original, contiguous) block of each visited column
     qmax = 2 ** (bits - 1) - 1
-    codes = torch.zeros_like(w, dtype=torch.int8)
-    scales = np.zeros((w.shape[0], cols // group), np.float32)
-    for start in range(0, cols, step):
-        end = min(start + step, cols)
-        block, errors = w[:, start:end].clone(), torch.zeros_like(w[:, start:end])
-        block_inv = h_inv[start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            if col % group == 0:  # a block starts: its scale comes from the weights as updated so far
-                source = block[:, i:i + group] if group <= end - col else w[:, col:col + group]
-                scales[:, col // group] = choose_qparams(source.float().numpy(), bits, group)[0][:, 0]
-            scale = torch.from_numpy(scales[:, col // group]).double()
-            q = torch.clamp(torch.round(block[:, i] / scale), -qmax - 1, qmax)
-            codes[:, col] = q.to(torch.int8)
-            error = (block[:, i] - q * scale) / block_inv[i, i]
-            block[:, i:] -= error[:, None] * block_inv[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ h_inv[start:end, end:]
-    codes_np = codes.numpy()
-    result = dequantize(codes_np, scales, None, group)
-    return QuantizedWeight(codes_np, scales, None, bits, group, float(np.abs(result - weight).max()))
+    codes = np.zeros((cols, out), np.int8)
+    for begin in range(0, cols, step):
+        end = min(begin + step, cols)
+        block, errors = wt[begin:end].copy(), np.zeros((end - begin, out))
+        block_inv = h_inv[begin:end, begin:end]
+        for i in range(end - begin):
+            col = begin + i
+            if not static and col % group == 0:  # a block starts: its scale comes from the weights updated so far
+                source = block[i:i + group] if group <= end - col else wt[col:col + group]
+                fresh = _scales(torch.from_numpy(source.T.copy()), bits, group, clip_search,
+                                importance[col:col + group])
+                scales_t[col // group] = fresh[:, 0].numpy()
+            scale = scales_t[group_of[col]]
+            q = np.clip(np.round(block[i] / scale), -qmax - 1, qmax)
+            codes[col] = q
+            error = (block[i] - q * scale) / block_inv[i, i]
+            block[i:] -= block_inv[i, i:, None] * error[None, :]
+            errors[i] = error
+        wt[end:] -= h_inv[begin:end, end:].T @ errors
+    codes_np = np.empty((out, cols), np.int8)
+    codes_np[:, perm.numpy()] = codes.T
+    scales_np = scales_t.T.astype(np.float32)
+    result = dequantize(codes_np, scales_np, None, group)
+    return QuantizedWeight(codes_np, scales_np, None, bits, group, float(np.abs(result - weight).max()))

@@ -89,18 +89,19 @@ class QuantizedModel:
     weights: Mapping[str, QuantizedWeight]
     activations: dict[str, ActivationEncoding]
     calibration: dict = field(default_factory=dict)  # what the encodings were calibrated on
+    source: str = ""  # the float checkpoint it was quantized from
 
     def dequantized(self, name: str) -> np.ndarray:
         q = self.weights[name]
         return dequantize(q.codes, q.scales, q.zero_points, q.group_size)
 
-    def save(self, folder: Path, source: str = "") -> Path:
+    def save(self, folder: Path) -> Path:
         """A reusable quantized checkpoint: `quantization.json` plus integer codes and scales in safetensors."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_staging_folder(folder)
         index = _write_weights(tmp, "weights.safetensors", dict(self.weights))
-        _write_meta(tmp, self, index, source)
+        _write_meta(tmp, self, index)
         replace_folder(tmp, folder)
         return folder
 
@@ -111,11 +112,12 @@ class QuantizedModel:
                                    "quantized checkpoint")
         activations = {n: ActivationEncoding.from_dict(e) for n, e in meta["activations"].items()}
         return cls(LlamaConfig.from_dict(meta["config"]), Recipe.from_dict(meta["recipe"]),
-                   QuantizedWeights(folder, meta["weights"]), activations, meta.get("calibration", {}))
+                   QuantizedWeights(folder, meta["weights"]), activations, meta.get("calibration", {}),
+                   meta.get("source", ""))
 
 
-def _write_meta(folder: Path, model: QuantizedModel, index: dict[str, dict], source: str) -> None:
-    meta = {"format": QUANTIZED_FORMAT, "format_version": QUANTIZED_VERSION, "source": source,
+def _write_meta(folder: Path, model: QuantizedModel, index: dict[str, dict]) -> None:
+    meta = {"format": QUANTIZED_FORMAT, "format_version": QUANTIZED_VERSION, "source": model.source,
             "config": model.config.to_dict(), "recipe": model.recipe.to_dict(), "calibration": model.calibration,
             "weights": index, "activations": {n: e.to_dict() for n, e in model.activations.items()}}
     (folder / "quantization.json").write_text(json.dumps(meta, indent=2))
@@ -139,7 +141,8 @@ class QuantizedSource:
 
 def _quantize_weight(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None) -> QuantizedWeight:
     if recipe.algorithm == "gptq" and hessian is not None:
-        return gptq_quantize(weight, hessian, bits, recipe.block_size)
+        return gptq_quantize(weight, hessian, bits, recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
+                             clip_search=recipe.clip_search)
     return quantize_weight(weight, bits, recipe.block_size)
 
 
@@ -164,8 +167,9 @@ def _hessians(block: Block, hidden: torch.Tensor, cos, sin, mask) -> dict[str, t
 
     def accumulate(key: str):
         def hook(_module, args) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[key] = sums.get(key, 0) + x.T @ x
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            for chunk in x.split(2048):  # fp32 products (fast), summed in fp64
+                sums[key] = sums.get(key, 0) + (chunk.T @ chunk).double()
         return hook
 
     readers = {key: proj for proj, key in reversed(SHARED_INPUT.items())}  # one reader per input
@@ -225,9 +229,9 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
         mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
         for layer in tqdm(range(c.num_layers), desc=f"quantize ({recipe.algorithm})", unit="layer",
                           disable=not progress, dynamic_ncols=True):
-            block = _load_block(c, tensors, layer)
-            hessians = _hessians(block, hidden, cos, sin, mask) if recipe.algorithm == "gptq" else {}
-            del block
+            hessians = {}
+            if recipe.algorithm == "gptq":  # float layer inputs; the float block is freed right after
+                hessians = _hessians(_load_block(c, tensors, layer), hidden, cos, sin, mask)
             layer_weights = {}
             for proj in PROJECTIONS:
                 name = f"layers.{layer}.{proj}"
@@ -255,11 +259,11 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
             observer("logits", normed @ head.T)
         sink.add("head.safetensors", head_weights)
         encodings = encodings_from_ranges(observer.ranges, recipe.activation_bits_for)
-        model = QuantizedModel(c, recipe, sink.mapping(), encodings, calibration_info or {
-            "rows": int(calibration.shape[0]), "length": int(calibration.shape[1])})
+        info = calibration_info or {"rows": int(calibration.shape[0]), "length": int(calibration.shape[1])}
+        model = QuantizedModel(c, recipe, sink.mapping(), encodings, info, str(checkpoint.path))
         if tmp is None:
             return model
-        _write_meta(tmp, model, sink.index, str(checkpoint.path))
+        _write_meta(tmp, model, sink.index)
         replace_folder(tmp, out)
     except BaseException:
         if tmp is not None:

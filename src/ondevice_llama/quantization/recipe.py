@@ -29,6 +29,11 @@ class Recipe:
     kv_bits: int = 16  # the KV cache taps (keys after RoPE, values); 8 halves cache size
     head_bits: int = 8  # embedding and LM head
     overrides: dict[str, int] = field(default_factory=dict)  # tensor name (e.g. "layers.3.down_proj") -> bits
+    # GPTQ options (see quantization.gptq): Hessian damping as a fraction of its mean diagonal, columns in
+    # decreasing Hessian-diagonal order (static block scales), Hessian-weighted MSE search of the scales.
+    damp: float = 0.01
+    act_order: bool = False
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8) or self.head_bits not in (4, 8):
@@ -39,6 +44,8 @@ class Recipe:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
         if self.activation_bits not in (None, 8, 16) or self.kv_bits not in (8, 16):
             raise ValueError("activation and KV bits must be 8 or 16")
+        if not 0 <= self.damp < 10:
+            raise ValueError(f"GPTQ damping must be in [0, 10), got {self.damp}")
 
     def bits_for(self, tensor: str) -> int:
         if tensor in self.overrides:
@@ -49,6 +56,17 @@ class Recipe:
         if self.activation_bits is None:
             return None
         return self.kv_bits if tap.endswith((".k_rope", ".v")) else self.activation_bits
+
+    def describe(self) -> str:
+        """E.g. 'w4a16, block 32, gptq, 8-bit head, 3 overrides'."""
+        name = f"w{self.weight_bits}" + (f"a{self.activation_bits}" if self.activation_bits else "")
+        grouping = f"block {self.block_size}" if self.block_size else "per channel"
+        parts = [name, grouping, self.algorithm, f"{self.head_bits}-bit head"]
+        if self.kv_bits != 16 and self.activation_bits:
+            parts.append(f"{self.kv_bits}-bit KV")
+        if self.overrides:
+            parts.append(f"{len(self.overrides)} overrides")
+        return ", ".join(parts)
 
     @classmethod
     def from_precision(cls, precision: str, **options) -> Recipe:

@@ -31,6 +31,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # Quantized npu graphs on the CPU: where ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits,
+    # keep float arithmetic (its default, int8, would no longer match the simulated model).
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return options
 
 

@@ -1,0 +1,69 @@
+"""From a checkpoint and a recipe to a quantized checkpoint on disk, calibrated once and reused.
+
+`export` and `quantize` both come through here, so a w4a16 export made twice (say with another part
+count) quantizes once: the result is cached under a key of the checkpoint, recipe and calibration data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from ..files import cache_root, fingerprint
+from ..loading import Checkpoint
+from .calibration import builtin_sequences, file_sequences, pack_sequences
+from .quantize_model import QUANTIZED_VERSION, QuantizedModel, quantize_model
+from .recipe import Recipe
+
+CALIBRATION_LENGTH = 256  # tokens per calibration row
+CALIBRATION_FILE_ROWS = 64  # at most this many rows from --calibration-file
+
+
+def calibration_batch(checkpoint: Checkpoint, calibration_file: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """Calibration token ids [rows, CALIBRATION_LENGTH] and a description of where they came from."""
+    if calibration_file is None:
+        sequences, source = builtin_sequences(checkpoint), "built-in"
+    else:
+        sequences = file_sequences(checkpoint, calibration_file, CALIBRATION_LENGTH, CALIBRATION_FILE_ROWS)
+        source = str(Path(calibration_file).resolve())
+    batch = pack_sequences(sequences, CALIBRATION_LENGTH)
+    return batch, {"source": source, "rows": batch.shape[0], "length": batch.shape[1],
+                   "tokens": sum(len(s) for s in sequences)}
+
+
+def quantized_cache_folder(checkpoint: Checkpoint, recipe: Recipe, calibration_file: Path | None) -> Path:
+    key = json.dumps([fingerprint(checkpoint.path), recipe.to_dict(),
+                      fingerprint(calibration_file) if calibration_file else "built-in",
+                      QUANTIZED_VERSION, version("ondevice-llama")], sort_keys=True)
+    name = Path(checkpoint.path).stem
+    return cache_root() / "quantized" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def prepare_quantized(checkpoint: Checkpoint, recipe: Recipe, calibration_file: Path | None = None,
+                      out: Path | None = None, progress: bool = True) -> tuple[QuantizedModel, Path]:
+    """The quantized checkpoint for `recipe`: loaded from `out` (default: the cache) if already made there."""
+    folder = out or quantized_cache_folder(checkpoint, recipe, calibration_file)
+    if (folder / "quantization.json").exists():
+        model = QuantizedModel.load(folder)
+        if model.recipe == recipe and model.config == checkpoint.config:
+            if progress:
+                print(f"reusing the quantized checkpoint {folder}", file=sys.stderr)
+            return model, folder
+    calibration, info = calibration_batch(checkpoint, calibration_file)
+    if progress:
+        print(f"quantizing {checkpoint.name} ({recipe.describe()}) on {info['tokens']} calibration tokens "
+              f"({info['source']}) into {folder}", file=sys.stderr)
+    return quantize_model(checkpoint, recipe, calibration, progress, out=folder, calibration_info=info), folder
+
+
+def load_quantized(folder: Path, checkpoint: Checkpoint) -> QuantizedModel:
+    """A quantized checkpoint given by the user, checked against the checkpoint it will be used with."""
+    model = QuantizedModel.load(folder)
+    if model.config != checkpoint.config:
+        raise ValueError(f"{folder}: quantized from a model with another configuration than {checkpoint.path}")
+    return model
