@@ -1,0 +1,460 @@
+"""Quantization sensitivity: how much each projection hurts when it alone is quantized, and a recipe from that.
+
+The measure (`analyze_sensitivity`): for every decoder layer L and projection P (q, k, v, o, gate, up,
+down), quantize only P's weight to 4 bits (symmetric, the given block size, round-to-nearest or GPTQ),
+keep everything else float, and compare layer L's output (the decoder block output, residual included)
+with the float block output on the calibration tokens, as an SQNR in dB (higher is better). Every
+layer is fed float hidden states (the float layers before it), so each figure is the cost of that one
+piece alone. Only one decoder layer is built at a time, and the calibration rows run through it in
+chunks, so memory stays bounded whatever the model size.
+
+Inside a layer only what depends on P is recomputed: with q/k/v at 4 bits, attention and the MLP; with
+o_proj, the MLP; with gate/up, the rest of the MLP; with down_proj, down_proj alone. Attention runs
+as `scaled_dot_product_attention` (causal), equal to the reference `Block` to float rounding.
+
+Each piece also gets the SQNR of the projection's own output (before the residual), a diagnostic that
+isolates the weight's rounding from how much the layer relies on the projection; the embedding and the
+LM head are reported at the recipe's head bits (embedding output and logits SQNR).
+
+The recipe (`choose_overrides`): rank the pieces by block-output SQNR, lowest first, and walk down the
+ranking, keeping a piece at 8 bits (`Recipe.overrides["layers.L.P"] = 8`) when the 8-bit projection
+parameters chosen so far plus its own (out x in) stay within `budget` x all projection parameters; a
+piece that does not fit is skipped and the walk goes on, so smaller pieces further down the ranking can
+use what is left. Everything else is 4-bit; the embedding and LM head keep the recipe's head bits (8)
+and are not counted in the budget. Budget 0 gives plain w4a16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..loading import Checkpoint
+from ..model.reference import Block, apply_rope, rms_norm, rope_cos_sin
+from .quantize_model import PROJECTIONS, SHARED_INPUT, _dequantized, _linear, _load_block, _quantize_weight
+from .recipe import Recipe
+
+BITS = 4
+DEFAULT_BLOCK_SIZE = 32  # export's default
+DEFAULT_BUDGET = 0.1  # at most 10% of the projection parameters at 8 bits
+DEFAULT_MAX_TOKENS = 4096  # calibration tokens measured on (evenly spaced rows)
+OVERRIDE_BITS = 8
+CHUNK_ROWS = 8  # calibration rows per forward pass
+HEAD_POSITIONS = 2048  # positions the LM head's logits SQNR is measured on
+REPORT_FORMAT = "ondevice-llama-sensitivity"
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One projection of one layer and its 4-bit sensitivity."""
+
+    layer: int
+    projection: str
+    shape: tuple[int, int]  # [out, in]
+    sqnr_db: float  # decoder block output with only this piece quantized, against float
+    projection_sqnr_db: float  # this projection's own output, against float
+
+    @property
+    def name(self) -> str:
+        return f"layers.{self.layer}.{self.projection}"
+
+    @property
+    def parameters(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class HeadResult:
+    """The embedding or LM head quantized alone to `bits`."""
+
+    name: str
+    bits: int
+    measured_on: str  # "embedding output" or "logits"
+    sqnr_db: float
+    parameters: int
+
+
+@dataclass
+class SensitivityReport:
+    model: str
+    checkpoint: str
+    num_layers: int
+    recipe: Recipe  # the quantization measured (no overrides)
+    calibration: dict  # where the tokens came from and how many were measured
+    pieces: list[Piece]
+    heads: list[HeadResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def ranked(self) -> list[Piece]:
+        """Most sensitive (lowest SQNR) first."""
+        return sorted(self.pieces, key=lambda p: (p.sqnr_db, p.name))
+
+    def grid(self) -> np.ndarray:
+        """SQNR in dB, [layers, projections] in `PROJECTIONS` order."""
+        grid = np.full((self.num_layers, len(PROJECTIONS)), np.nan)
+        for p in self.pieces:
+            grid[p.layer, PROJECTIONS.index(p.projection)] = p.sqnr_db
+        return grid
+
+    @property
+    def projection_parameters(self) -> int:
+        return sum(p.parameters for p in self.pieces)
+
+
+def select_rows(calibration: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """At most `max_tokens` tokens of [rows, length] calibration ids as whole rows spread evenly over the
+    set (its parts differ: hand-written chats and texts, then the model's own text); 0 keeps all."""
+    rows, length = calibration.shape
+    keep = rows if max_tokens <= 0 else max(1, min(rows, max_tokens // length))
+    return calibration[torch.from_numpy(np.unique(np.linspace(0, rows - 1, keep).round().astype(np.int64)))]
+
+
+def check_block_size(checkpoint: Checkpoint, block_size: int | None) -> None:
+    if block_size not in (None, 32, 64, 128):
+        raise ValueError(f"--block-size must be 0 (per output channel), 32, 64 or 128, got {block_size}")
+    if block_size is None:
+        return
+    for proj in PROJECTIONS:
+        cols = checkpoint.tensors.shape(f"layers.0.{proj}")[1]
+        if cols % block_size:
+            raise ValueError(f"--block-size {block_size} does not divide {proj}'s input size {cols}")
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _sum_squares(x: torch.Tensor) -> float:
+    return float(x.double().square().sum())
+
+
+class _LayerForward:
+    """A decoder layer's forward pass split into steps, so a changed projection recomputes only what follows it."""
+
+    def __init__(self, block: Block, cos: torch.Tensor, sin: torch.Tensor):
+        self.block, self.cos, self.sin = block, cos, sin
+        self.config = block.attention.config
+        self.weights = {proj: _linear(block, proj).weight.data for proj in PROJECTIONS}
+
+    def _heads(self, x: torch.Tensor, heads: int, rope: bool) -> torch.Tensor:
+        b, t, _ = x.shape
+        x = x.view(b, t, heads, self.config.head_dim).transpose(1, 2)
+        return apply_rope(x, self.cos[:t], self.sin[:t]) if rope else x
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        context = F.scaled_dot_product_attention(
+            self._heads(q, c.num_heads, True), self._heads(k, c.num_kv_heads, True),
+            self._heads(v, c.num_kv_heads, False), is_causal=True, enable_gqa=c.num_kv_heads != c.num_heads)
+        b, t = q.shape[:2]
+        return context.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)
+
+    def _after_attention(self, x: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
+        x1 = x + attention_out
+        h2 = rms_norm(x1, self.block.post_attention_norm, self.block.eps)
+        gate, up = F.linear(h2, self.weights["gate_proj"]), F.linear(h2, self.weights["up_proj"])
+        return x1 + F.linear(F.silu(gate) * up, self.weights["down_proj"])
+
+    def float(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every intermediate of the float layer: projection inputs (SHARED_INPUT keys) and outputs, and `out`."""
+        w, block = self.weights, self.block
+        f = {"x": x, "attn_in": rms_norm(x, block.input_norm, block.eps)}
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            f[proj] = F.linear(f["attn_in"], w[proj])
+        f["o_in"] = self._attend(f["q_proj"], f["k_proj"], f["v_proj"])
+        f["o_proj"] = F.linear(f["o_in"], w["o_proj"])
+        f["x1"] = x + f["o_proj"]
+        f["mlp_in"] = rms_norm(f["x1"], block.post_attention_norm, block.eps)
+        f["gate_proj"], f["up_proj"] = F.linear(f["mlp_in"], w["gate_proj"]), F.linear(f["mlp_in"], w["up_proj"])
+        f["down_in"] = F.silu(f["gate_proj"]) * f["up_proj"]
+        f["down_proj"] = F.linear(f["down_in"], w["down_proj"])
+        f["out"] = f["x1"] + f["down_proj"]
+        return f
+
+    def with_weight(self, f: dict[str, torch.Tensor], proj: str, weight: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer output, projection output) with `proj`'s weight replaced, from the float intermediates `f`."""
+        y = F.linear(f[SHARED_INPUT[proj]], weight)
+        if proj in ("q_proj", "k_proj", "v_proj"):
+            qkv = {p: y if p == proj else f[p] for p in ("q_proj", "k_proj", "v_proj")}
+            attention_out = F.linear(self._attend(qkv["q_proj"], qkv["k_proj"], qkv["v_proj"]),
+                                     self.weights["o_proj"])
+            return self._after_attention(f["x"], attention_out), y
+        if proj == "o_proj":
+            return self._after_attention(f["x"], y), y
+        if proj == "down_proj":
+            return f["x1"] + y, y
+        gate, up = (y, f["up_proj"]) if proj == "gate_proj" else (f["gate_proj"], y)
+        return f["x1"] + F.linear(F.silu(gate) * up, self.weights["down_proj"]), y
+
+
+def _hessians(layer: _LayerForward, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sum of x^T x over every calibration position, for each distinct projection input (GPTQ)."""
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(0, hidden.shape[0], CHUNK_ROWS):
+        f = layer.float(hidden[start:start + CHUNK_ROWS])
+        for key in set(SHARED_INPUT.values()):
+            x = f[key].reshape(-1, f[key].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + x.T @ x
+    return sums
+
+
+def _measure_heads(checkpoint: Checkpoint, recipe: Recipe, tokens: torch.Tensor, embed: torch.Tensor,
+                   final_hidden: torch.Tensor) -> list[HeadResult]:
+    """Embedding output SQNR on the calibration tokens; logits SQNR on up to HEAD_POSITIONS final positions."""
+    c, tensors = checkpoint.config, checkpoint.tensors
+    bits = recipe.bits_for("embed_tokens")
+    embed_q = _dequantized(_quantize_weight(embed.numpy(), bits, recipe, None))
+    used = torch.unique(tokens)
+    counts = torch.bincount(tokens.reshape(-1), minlength=c.vocab_size)[used].double()
+    signal = float((embed[used].double().square().sum(-1) * counts).sum())  # each token as often as it occurs
+    noise = float(((embed_q[used] - embed[used]).double().square().sum(-1) * counts).sum())
+    heads = [HeadResult("embed_tokens", bits, "embedding output", _sqnr(signal, noise), embed.numel())]
+    flat = final_hidden.reshape(-1, c.hidden_size)
+    flat = flat[np.unique(np.linspace(0, flat.shape[0] - 1, min(HEAD_POSITIONS, flat.shape[0])).astype(int))]
+    normed = rms_norm(flat, torch.from_numpy(np.asarray(tensors.get("norm"), np.float32)), c.rms_norm_eps)
+    if c.tie_word_embeddings:
+        name, head, head_q = "embed_tokens (as LM head)", embed, embed_q
+    else:
+        name, bits = "lm_head", recipe.bits_for("lm_head")
+        head = torch.from_numpy(np.asarray(tensors.get("lm_head"), np.float32))
+        x = normed.double()
+        hessian = x.T @ x if recipe.algorithm == "gptq" else None
+        head_q = _dequantized(_quantize_weight(head.numpy(), bits, recipe, hessian))
+    signal = noise = 0.0
+    for start in range(0, normed.shape[0], 256):
+        chunk = normed[start:start + 256]
+        signal += _sum_squares(chunk @ head.T)
+        noise += _sum_squares(chunk @ (head_q - head).T)
+    heads.append(HeadResult(name, bits, "logits", _sqnr(signal, noise), head.numel()))
+    return heads
+
+
+def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block_size: int | None = DEFAULT_BLOCK_SIZE,
+                        algorithm: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                        calibration_info: dict | None = None, heads: bool = True, progress: bool = True
+                        ) -> SensitivityReport:
+    """4-bit sensitivity of every (layer, projection); calibration: [rows, length] token ids.
+
+    algorithm None: the recipe's default. `max_tokens` (0: all) bounds the calibration tokens measured on;
+    with GPTQ, the Hessians come from the same tokens.
+    """
+    start_time = time.perf_counter()
+    check_block_size(checkpoint, block_size)
+    options = {"block_size": block_size} | ({"algorithm": algorithm} if algorithm else {})
+    recipe = Recipe.from_precision("w4a16", **options)
+    c, tensors = checkpoint.config, checkpoint.tensors
+    tokens = select_rows(calibration, max_tokens)
+    length = tokens.shape[1]
+    cos, sin = rope_cos_sin(c, torch.arange(length))
+    embed = torch.from_numpy(np.asarray(tensors.get("embed_tokens"), np.float32))
+    hidden = embed[tokens]
+    pieces: list[Piece] = []
+    worst: Piece | None = None
+    bar = tqdm(range(c.num_layers), desc=f"sensitivity (w{BITS}, {recipe.algorithm})", unit="layer",
+               disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        for layer in bar:
+            forward = _LayerForward(_load_block(c, tensors, layer), cos, sin)
+            hessians = _hessians(forward, hidden) if recipe.algorithm == "gptq" else {}
+            quantized = {proj: _dequantized(_quantize_weight(forward.weights[proj].numpy(), BITS, recipe,
+                                                             hessians.get(SHARED_INPUT[proj])))
+                         for proj in PROJECTIONS}
+            del hessians
+            signal, proj_signal = 0.0, dict.fromkeys(PROJECTIONS, 0.0)
+            noise, proj_noise = dict.fromkeys(PROJECTIONS, 0.0), dict.fromkeys(PROJECTIONS, 0.0)
+            next_hidden = torch.empty_like(hidden)
+            for first in range(0, hidden.shape[0], CHUNK_ROWS):
+                f = forward.float(hidden[first:first + CHUNK_ROWS])
+                next_hidden[first:first + CHUNK_ROWS] = f["out"]
+                signal += _sum_squares(f["out"])
+                for proj in PROJECTIONS:
+                    out, y = forward.with_weight(f, proj, quantized[proj])
+                    noise[proj] += _sum_squares(out - f["out"])
+                    proj_signal[proj] += _sum_squares(f[proj])
+                    proj_noise[proj] += _sum_squares(y - f[proj])
+                del f
+            for proj in PROJECTIONS:
+                piece = Piece(layer, proj, tuple(forward.weights[proj].shape), _sqnr(signal, noise[proj]),
+                              _sqnr(proj_signal[proj], proj_noise[proj]))
+                pieces.append(piece)
+                if worst is None or piece.sqnr_db < worst.sqnr_db:
+                    worst = piece
+            bar.set_postfix_str(f"worst {worst.name} {worst.sqnr_db:.1f} dB")
+            hidden = next_hidden
+            del forward, quantized
+    bar.close()
+    head_results = _measure_heads(checkpoint, recipe, tokens, embed, hidden) if heads else []
+    info = dict(calibration_info or {}) | {"rows_measured": int(tokens.shape[0]),
+                                           "tokens_measured": int(tokens.numel())}
+    return SensitivityReport(checkpoint.name, str(checkpoint.path), c.num_layers, recipe, info, pieces, head_results,
+                             time.perf_counter() - start_time)
+
+
+def choose_overrides(pieces: list[Piece], budget: float) -> dict[str, int]:
+    """The pieces kept at 8 bits: lowest SQNR first while they fit in `budget` x all projection parameters
+    (a piece that does not fit is skipped; see the module docstring)."""
+    if not 0 <= budget <= 1:
+        raise ValueError(f"--budget must be a fraction between 0 and 1, got {budget}")
+    allowed = math.floor(budget * sum(p.parameters for p in pieces) + 1e-6)  # parameters are whole
+    used, overrides = 0, {}
+    for piece in sorted(pieces, key=lambda p: (p.sqnr_db, p.name)):
+        if used + piece.parameters <= allowed:
+            overrides[piece.name] = OVERRIDE_BITS
+            used += piece.parameters
+    return overrides
+
+
+def sensitivity_recipe(report: SensitivityReport, budget: float = DEFAULT_BUDGET) -> Recipe:
+    """The measured w4a16 recipe with the most sensitive pieces at 8 bits (see `choose_overrides`)."""
+    return replace(report.recipe, overrides=choose_overrides(report.pieces, budget))
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None
+
+
+def report_dict(report: SensitivityReport, recipe: Recipe | None = None, budget: float | None = None) -> dict:
+    ranks = {p.name: i + 1 for i, p in enumerate(report.ranked())}
+    data = {
+        "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "model": report.model,
+        "checkpoint": report.checkpoint, "bits": BITS, "block_size": report.recipe.block_size,
+        "algorithm": report.recipe.algorithm, "measure": "SQNR (dB) of the decoder block output with only this "
+        "piece quantized, float hidden states in; projection_sqnr_db: the projection's own output",
+        "calibration": report.calibration, "seconds": round(report.seconds, 2),
+        "pieces": [{"name": p.name, "layer": p.layer, "projection": p.projection, "shape": list(p.shape),
+                    "parameters": p.parameters, "sqnr_db": _finite(p.sqnr_db),
+                    "projection_sqnr_db": _finite(p.projection_sqnr_db), "rank": ranks[p.name]}
+                   for p in report.pieces],
+        "heads": [{"name": h.name, "bits": h.bits, "measured_on": h.measured_on, "sqnr_db": _finite(h.sqnr_db),
+                   "parameters": h.parameters} for h in report.heads],
+    }
+    if recipe is not None:
+        eight_bit = sum(p.parameters for p in report.pieces if p.name in recipe.overrides)
+        data["recipe"] = {"budget": budget, "description": recipe.describe(), "overrides": recipe.overrides,
+                          "eight_bit_parameters": eight_bit, "projection_parameters": report.projection_parameters,
+                          "eight_bit_fraction": eight_bit / report.projection_parameters, "recipe": recipe.to_dict()}
+    return data
+
+
+def save_report(report: SensitivityReport, path: Path, recipe: Recipe | None = None, budget: float | None = None
+                ) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report_dict(report, recipe, budget), indent=1))
+
+
+def _grouping(recipe: Recipe) -> str:
+    return f"block {recipe.block_size}" if recipe.block_size else "per channel"
+
+
+def format_table(report: SensitivityReport, overrides: dict[str, int] | None = None, worst: int = 5) -> str:
+    """Layers x projections SQNR (dB); `*` marks the pieces kept at 8 bits, `<` the layer's worst piece."""
+    overrides = overrides or {}
+    names = [p.replace("_proj", "") for p in PROJECTIONS]
+    lines = [f"4-bit sensitivity of {report.model}: SQNR (dB) of each layer's output with only that projection "
+             f"quantized ({_grouping(report.recipe)}, {report.recipe.algorithm}, "
+             f"{report.calibration['tokens_measured']} calibration tokens); higher is better",
+             f"{'layer':>5} " + "".join(f"{n:>9}" for n in names)]
+    grid = report.grid()
+    for layer in range(report.num_layers):
+        low = np.nanargmin(grid[layer]) if np.isfinite(grid[layer]).any() else -1
+        cells = []
+        for j, proj in enumerate(PROJECTIONS):
+            mark = "*" if f"layers.{layer}.{proj}" in overrides else "<" if j == low else " "
+            cells.append(f"{grid[layer, j]:>8.1f}{mark}")
+        lines.append(f"{layer:>5} " + "".join(cells))
+    lines.append("* kept at 8 bits by the recipe; < the layer's most sensitive projection")
+    ranked = report.ranked()
+    lines.append("most sensitive: " + ", ".join(f"{p.name} {p.sqnr_db:.1f}" for p in ranked[:worst]))
+    lines.append("least sensitive: " + ", ".join(f"{p.name} {p.sqnr_db:.1f}" for p in ranked[::-1][:worst]))
+    by_projection = np.ma.masked_invalid(grid).mean(axis=0).filled(np.inf)
+    lines.append("mean per projection: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(names, by_projection, strict=True)))
+    for h in report.heads:
+        figure = f"{h.sqnr_db:.1f} dB" if math.isfinite(h.sqnr_db) else "exact (the weights are on this grid already)"
+        lines.append(f"{h.name} at {h.bits} bits: {h.measured_on} SQNR {figure}")
+    return "\n".join(lines)
+
+
+def plot_heatmap(report: SensitivityReport, path: Path, overrides: dict[str, int] | None = None) -> None:
+    """Layers x projections heatmap of the SQNR; pieces kept at 8 bits are outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    overrides = overrides or {}
+    grid = report.grid()
+    finite = grid[np.isfinite(grid)]
+    shown = np.clip(grid, None, finite.max() if finite.size else 0)
+    layers = report.num_layers
+    fig, ax = plt.subplots(figsize=(7.5, max(3.0, 0.28 * layers + 1.6)))
+    image = ax.imshow(shown, aspect="auto", cmap="RdYlGn", interpolation="nearest")
+    ax.set_xticks(range(len(PROJECTIONS)), [p.replace("_proj", "") for p in PROJECTIONS])
+    ax.set_yticks(range(layers))
+    ax.tick_params(axis="y", labelsize=7 if layers > 24 else 9)
+    ax.set(xlabel="projection", ylabel="layer")
+    if layers <= 48:
+        for i in range(layers):
+            for j in range(len(PROJECTIONS)):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=6 if layers > 24 else 8)
+    for name in overrides:
+        _, layer, proj = name.split(".")
+        if proj in PROJECTIONS:
+            ax.add_patch(Rectangle((PROJECTIONS.index(proj) - 0.5, int(layer) - 0.5), 1, 1, fill=False,
+                                   edgecolor="black", linewidth=1.6))
+    fig.colorbar(image, ax=ax, label="SQNR of the layer output (dB)")
+    title = f"{report.model}: 4-bit ({_grouping(report.recipe)}, {report.recipe.algorithm}) sensitivity"
+    if overrides:
+        title += f"\noutlined: {len(overrides)} pieces kept at 8 bits"
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_analyze(args) -> int:
+    """`ondevice-llama analyze`: measure, print the table, write the recipe (and the JSON report and heatmap)."""
+    from ..loading import open_checkpoint
+    from .pipeline import calibration_batch
+
+    block_size = args.block_size or None
+    if not 0 <= args.budget <= 1:
+        raise ValueError(f"--budget must be a fraction between 0 and 1, got {args.budget}")
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be 0 (all) or positive, got {args.max_tokens}")
+    for option, path in (("--out", args.out), ("--json", args.json), ("--plot", args.plot)):
+        if path is not None and Path(path).is_dir():
+            raise ValueError(f"{path}: is a folder; {option} takes a file name")
+    checkpoint = open_checkpoint(args.checkpoint)
+    check_block_size(checkpoint, block_size)
+    calibration, info = calibration_batch(checkpoint, args.calibration_file)
+    report = analyze_sensitivity(checkpoint, calibration, block_size, args.algorithm, args.max_tokens, info,
+                                 progress=not args.quiet)
+    recipe = sensitivity_recipe(report, args.budget)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    recipe.save(args.out)
+    if args.json is not None:
+        save_report(report, args.json, recipe, args.budget)
+    if args.plot is not None:
+        plot_heatmap(report, args.plot, recipe.overrides)
+    print(format_table(report, recipe.overrides))
+    eight_bit = sum(p.parameters for p in report.pieces if p.name in recipe.overrides)
+    print(f"recipe {recipe.describe()}: {len(recipe.overrides)} of {len(report.pieces)} projections at 8 bits, "
+          f"{eight_bit / report.projection_parameters:.1%} of the projection parameters (budget {args.budget:.0%}); "
+          f"measured in {report.seconds:.0f} s -> {args.out}")
+    return 0
