@@ -51,7 +51,7 @@ def fresh_copy(folder: Path, tmp_path: Path) -> Path:
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
-    """Hidden temporary folders an export of `name` may leave beside it (.name.partial-*, .name.old-*)."""
+    """Hidden temporary folders an export of `name` may leave beside it (.name.partial, .name.old-*)."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
 
 
@@ -347,3 +347,80 @@ def test_cli_export_succeeds(checkpoint_dir, tmp_path, capsys):
     manifest = load_manifest(out)
     assert len(manifest.parts) == 2
     assert (manifest.sequence_length, manifest.context_length) == (8, 32)
+
+
+# ---------------------------------------------------------------- resuming an interrupted export
+
+
+def _stop_at_second_part(monkeypatch) -> None:
+    """Make the export stop (as on Ctrl-C) when it reaches part 2."""
+    from ondevice_llama.export import exporter
+
+    real = exporter._export_part
+
+    def export_part(checkpoint, folder, part, *args):
+        if part.index == 1:
+            raise KeyboardInterrupt
+        return real(checkpoint, folder, part, *args)
+
+    monkeypatch.setattr(exporter, "_export_part", export_part)
+
+
+def _count_parts(monkeypatch) -> list[int]:
+    """Record which parts the export really builds."""
+    from ondevice_llama.export import exporter
+
+    real, calls = exporter._export_part, []
+
+    def export_part(checkpoint, folder, part, *args):
+        calls.append(part.index)
+        return real(checkpoint, folder, part, *args)
+
+    monkeypatch.setattr(exporter, "_export_part", export_part)
+    return calls
+
+
+def test_interrupted_export_resumes_with_verified_parts(checkpoint_dir, tmp_path, monkeypatch):
+    """A stop after part 1 keeps it in the staging folder; the re-run reuses it (checksums verified), a
+    damaged part is exported again, and the result equals an uninterrupted export."""
+    from ondevice_llama.export.exporter import staging_folder
+
+    checkpoint = open_checkpoint(checkpoint_dir)
+    out = tmp_path / "model"
+    with monkeypatch.context() as patch:
+        _stop_at_second_part(patch)
+        with pytest.raises(KeyboardInterrupt):
+            export_model(checkpoint, out, OPTIONS, progress=False)
+    staging = staging_folder(out)
+    assert not out.exists() and (staging / "weights_part1.bin").exists()
+    assert not (staging / "weights_part2.bin").exists()
+    with monkeypatch.context() as patch:
+        calls = _count_parts(patch)
+        manifest = export_model(checkpoint, out, OPTIONS, progress=False)
+    assert calls == [1] and not staging.exists()
+    reference = export_model(checkpoint, tmp_path / "reference", OPTIONS, progress=False)
+    assert [p.weights_sha256 for p in manifest.parts] == [p.weights_sha256 for p in reference.parts]
+    assert load_manifest(out).parts == manifest.parts
+
+    with monkeypatch.context() as patch:  # a damaged staged part is not trusted
+        _stop_at_second_part(patch)
+        with pytest.raises(KeyboardInterrupt):
+            export_model(checkpoint, tmp_path / "again", OPTIONS, progress=False)
+    damaged = staging_folder(tmp_path / "again") / "weights_part1.bin"
+    damaged.write_bytes(b"\1" + damaged.read_bytes()[1:])
+    with monkeypatch.context() as patch:
+        calls = _count_parts(patch)
+        export_model(checkpoint, tmp_path / "again", OPTIONS, progress=False)
+    assert calls == [0, 1]
+
+
+def test_changed_options_do_not_resume(checkpoint_dir, tmp_path, monkeypatch):
+    checkpoint = open_checkpoint(checkpoint_dir)
+    with monkeypatch.context() as patch:
+        _stop_at_second_part(patch)
+        with pytest.raises(KeyboardInterrupt):
+            export_model(checkpoint, tmp_path / "m", OPTIONS, progress=False)
+    with monkeypatch.context() as patch:
+        calls = _count_parts(patch)
+        export_model(checkpoint, tmp_path / "m", replace(OPTIONS, sequence_length=4), progress=False)
+    assert calls == [0, 1]

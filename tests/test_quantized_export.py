@@ -36,36 +36,40 @@ def test_quantized_export_matches_simulated_model(tiny_checkpoints, tmp_path, na
 
 def test_encodings_cover_every_quantized_tensor(tiny_checkpoints, tmp_path):
     """Each QuantizeLinear input has an activation encoding with the graph's scale and offset; each weight
-    DequantizeLinear output has param encodings, one per scale; nothing else is listed."""
+    DequantizeLinear output has a parameter encoding with the graph's scales; nothing else is listed."""
     checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
     _export(checkpoint, tmp_path / "e", precision="w4a16", block_size=32, kv_bits=8)
     manifest = load_manifest(tmp_path / "e")
     for part in manifest.parts:
         encodings = json.loads((tmp_path / "e" / part.encodings_file).read_text())
+        assert encodings["version"] == "1.0.0"
+        activation_entries = {e["name"]: e for e in encodings["activation_encodings"]}
+        param_entries = {e["name"]: e for e in encodings["param_encodings"]}
         activations, params = set(), set()
         for graph_manifest in part.graphs.values():
-            graph = onnx.load(tmp_path / "e" / graph_manifest.file, load_external_data=False).graph
-            constants = {t.name: t for t in graph.initializer}
-            for node in graph.node:
+            graph = onnx.load(tmp_path / "e" / graph_manifest.file)
+            constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+            for node in graph.graph.node:
                 if node.op_type == "QuantizeLinear":
                     activations.add(node.input[0])
-                    entry = encodings["activation_encodings"][node.input[0]][0]
-                    scale = onnx.numpy_helper.to_array(constants[node.input[1]])
-                    zero_point = onnx.numpy_helper.to_array(constants[node.input[2]])
-                    assert entry["scale"] == pytest.approx(float(scale), rel=1e-6)
-                    assert entry["offset"] == -int(zero_point) and entry["is_symmetric"] == "False"
-                    assert entry["bitwidth"] == (16 if zero_point.dtype == np.uint16 else 8)
+                    entry = activation_entries[node.input[0]]
+                    scale, zero_point = constants[node.input[1]], constants[node.input[2]]
+                    assert entry["scale"][0] == pytest.approx(float(scale), rel=1e-6)
+                    assert entry["offset"] == [-int(zero_point)] and entry["is_sym"] is False
+                    assert entry["bw"] == (16 if zero_point.dtype == np.uint16 else 8)
                 elif node.op_type == "DequantizeLinear" and node.input[0] in constants:
                     params.add(node.output[0])
-                    codes = constants[node.input[0]]
-                    assert codes.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.INT8)
-                    entries = encodings["param_encodings"][node.output[0]]
-                    assert len(entries) == np.prod(constants[node.input[1]].dims)
-                    assert {e["bitwidth"] for e in entries} == {4 if codes.data_type == onnx.TensorProto.INT4 else 8}
-        assert activations == set(encodings["activation_encodings"])
-        assert params == set(encodings["param_encodings"])
-        bits = {e[0]["bitwidth"] for name, e in encodings["activation_encodings"].items() if "k_rope" in name}
-        assert bits == {8}  # --kv-bits 8
+                    entry, codes = param_entries[node.output[0]], constants[node.input[0]]
+                    scales = constants[node.input[1]]
+                    blocked = any(a.name == "block_size" for a in node.attribute)
+                    assert entry["enc_type"] == ("PER_BLOCK" if blocked else "PER_CHANNEL") and entry["is_sym"]
+                    assert entry["bw"] == (8 if codes.dtype == np.int8 else 4)
+                    assert entry["offset"] == [-(2 ** (entry["bw"] - 1))]
+                    # Scales are listed [out, blocks] row-major; the graph holds them in its weight layout.
+                    assert sorted(entry["scale"]) == pytest.approx(sorted(scales.reshape(-1).tolist()), rel=1e-6)
+        assert activations == set(activation_entries) and params == set(param_entries)
+        kv = {e["bw"] for name, e in activation_entries.items() if "k_rope" in name or "v_proj" in name}
+        assert kv == {8}  # --kv-bits 8
 
 
 def test_weight_only_and_fp16_precisions(tiny_checkpoints, tmp_path):

@@ -71,16 +71,9 @@ def machine_info() -> dict[str, Any]:
 
 def peak_rss_gb() -> float:
     """The process's peak resident set size so far, in GB (2**30 bytes)."""
-    try:
-        import resource
+    from ..memory import peak_rss_bytes
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**30 if sys.platform == "darwin" else peak * 1024 / 2**30  # bytes on macOS, else KiB
-    except ImportError:  # Windows
-        import psutil
-
-        info = psutil.Process().memory_info()
-        return getattr(info, "peak_wset", info.rss) / 2**30
+    return peak_rss_bytes() / 2**30
 
 
 def special_ids(tokenizer, special_tokens=None) -> set[int]:

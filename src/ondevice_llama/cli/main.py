@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_options(export, "npu")
     export.add_argument("--all-logits", action="store_true",
                         help="last part returns logits for every position (for evaluation)")
+    export.add_argument("--skip-memory-check", action="store_true",
+                        help="export even when the estimated peak memory exceeds free RAM + swap")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
 
     quantize = sub.add_parser("quantize", help="quantize a checkpoint into a reusable quantized checkpoint")
@@ -172,7 +174,8 @@ def run_export(args: argparse.Namespace) -> int:
     from ..loading import open_checkpoint
 
     checkpoint = open_checkpoint(args.checkpoint)
-    manifest = export_model(checkpoint, args.out, _export_options(args, args.all_logits), progress=not args.quiet)
+    manifest = export_model(checkpoint, args.out, _export_options(args, args.all_logits), progress=not args.quiet,
+                            check_memory_first=not args.skip_memory_check)
     quantization = manifest.extra.get("quantization", {}).get("description")
     print(f"exported {manifest.model_name}: {manifest.target} target, {quantization or manifest.precision}, "
           f"{len(manifest.parts)} part(s), N={manifest.sequence_length}, C={manifest.context_length} -> {args.out}")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -24,11 +25,14 @@ from ..config import LlamaConfig
 from ..files import fingerprint, replace_folder, sha256_file
 from ..loading import Checkpoint
 from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec
+from ..memory import PeakRssSampler
 from ..quantization.recipe import PRECISIONS as RECIPE_PRECISIONS
 from ..quantization.recipe import Recipe
 from .cpu_graph import CpuGraphOptions, build_cpu_part_graph
+from .encodings_file import EncodingsFile
 from .graph import Graph, WeightFile
 from .llama_graph import GraphOptions, GraphQuantization, PartSpec, build_part_graph
+from .memory_check import GB, MemoryEstimate, check_memory, estimate_export_memory
 
 SEVEN_B_PARAMETERS = 6_000_000_000
 
@@ -138,7 +142,8 @@ def export_recipe(options: ExportOptions) -> Recipe | None:
 
 
 def _build_graphs(checkpoint: Checkpoint, part: PartSpec, options: ExportOptions, weights: WeightFile,
-                  on_layer, quantization: GraphQuantization | None) -> dict[str, tuple[str, Graph]]:
+                  on_layer, quantization: GraphQuantization | None, encodings: EncodingsFile | None
+                  ) -> dict[str, tuple[str, Graph]]:
     """kind -> (file name, graph) for one part: PP and TG on the NPU target, one decoder on the CPU target."""
     number = part.index + 1
     if options.target == "cpu":
@@ -151,7 +156,7 @@ def _build_graphs(checkpoint: Checkpoint, part: PartSpec, options: ExportOptions
         return {"decoder": (f"decoder_part{number}.onnx", graph)}
     graphs = {}
     for kind, n in (("prompt_processor", options.sequence_length), ("token_generator", 1)):
-        graph = Graph(f"{kind}_part{number}", weights)
+        graph = Graph(f"{kind}_part{number}", weights, encodings)
         graph_options = GraphOptions(n, options.context_length, options.use_conv, options.all_logits, quantization,
                                      fp16_weights=options.precision == "fp16")
         build_part_graph(graph, checkpoint.config, checkpoint.tensors, part, graph_options, on_layer)
@@ -164,36 +169,30 @@ def graph_passes(options: ExportOptions) -> int:
     return 1 if options.target == "cpu" else 2
 
 
-def _encodings_file(graphs: list[Graph]) -> dict:
-    """AIMET/QNN encodings of every quantized tensor of a part's graphs, keyed by graph tensor name."""
-    activations, params = {}, {}
-    for graph in graphs:
-        activations |= {name: [e.to_aimet()] for name, e in graph.activation_encodings.items()}
-        params |= graph.param_encodings
-    return {"version": "0.6.1", "activation_encodings": activations, "param_encodings": params}
-
-
 def _export_part(checkpoint: Checkpoint, folder: Path, part: PartSpec, options: ExportOptions, bar: tqdm,
                  quantization: GraphQuantization | None) -> PartManifest:
     number = part.index + 1
     weights = WeightFile(folder / f"weights_part{number}.bin")
-    graphs, built = {}, []
+    encodings = EncodingsFile(folder / f"encodings_part{number}.json") if quantization is not None else None
+    graphs = {}
     try:
         bar.set_description(f"part {number}/{options.num_parts}")
         on_layer = lambda: bar.update(1)  # noqa: E731
-        for kind, (file, graph) in _build_graphs(checkpoint, part, options, weights, on_layer, quantization).items():
+        built = _build_graphs(checkpoint, part, options, weights, on_layer, quantization, encodings)
+        for kind, (file, graph) in built.items():
             onnx.save_model(graph.to_model(), folder / file)
             n = options.sequence_length if kind == "prompt_processor" else 1 if kind == "token_generator" else -1
             graphs[kind] = GraphManifest(file, n, _specs(graph.inputs), _specs(graph.outputs))
-            built.append(graph)
+        if encodings is not None:
+            encodings.close()
+    except BaseException:
+        if encodings is not None:
+            encodings.discard()
+        raise
     finally:
         weights.close()
-    encodings = None
-    if quantization is not None:
-        encodings = f"encodings_part{number}.json"
-        (folder / encodings).write_text(json.dumps(_encodings_file(built), indent=1))
     return PartManifest(part.index, part.layers.start, part.layers.stop, weights.path.name,
-                        sha256_file(weights.path), graphs, encodings)
+                        sha256_file(weights.path), graphs, encodings.path.name if encodings else None)
 
 
 # ---- resuming an interrupted export ---------------------------------------------------------------
@@ -242,10 +241,9 @@ def _export_key(checkpoint: Checkpoint, options: ExportOptions, quantized_folder
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _quantization(checkpoint: Checkpoint, options: ExportOptions, progress: bool
+def _quantization(checkpoint: Checkpoint, options: ExportOptions, recipe: Recipe | None, progress: bool
                   ) -> tuple[GraphQuantization | None, dict, Path | None]:
     """What the graphs quantize, the manifest's record of it, and the quantized checkpoint's folder."""
-    recipe = export_recipe(options)
     if recipe is None:
         return None, {}, None
     from ..quantization.pipeline import load_quantized, prepare_quantized
@@ -261,9 +259,24 @@ def _quantization(checkpoint: Checkpoint, options: ExportOptions, progress: bool
     return GraphQuantization(quantized.weights, activations), info, Path(folder)
 
 
+def memory_estimate(checkpoint: Checkpoint, options: ExportOptions, recipe: Recipe | None) -> MemoryEstimate:
+    """The peak memory this (resolved) export needs, from its configuration."""
+    from ..quantization.pipeline import quantized_cache_folder, uses_generated_calibration
+
+    quantize = recipe is not None and options.quantized is None and not (
+        quantized_cache_folder(checkpoint, recipe, options.calibration_file) / "quantization.json").exists()
+    generated = options.calibration_file is None and uses_generated_calibration(checkpoint, recipe)
+    return estimate_export_memory(checkpoint.config, options.target, options.precision, recipe, generated, quantize)
+
+
 def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions = ExportOptions(),
-                 progress: bool = True) -> Manifest:
-    """Export `checkpoint` into folder `out` (replacing an earlier export there) and return its manifest."""
+                 progress: bool = True, check_memory_first: bool = True) -> Manifest:
+    """Export `checkpoint` into folder `out` (replacing an earlier export there) and return its manifest.
+
+    First the peak memory it needs is estimated and, unless `check_memory_first` is False, compared with
+    free RAM + swap (`NotEnoughMemory` says what to do when it does not fit); the manifest records the
+    estimate beside the peak actually measured.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is a file; choose another --out")
@@ -271,11 +284,33 @@ def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions
         raise FileExistsError(f"{out}: exists and is not an exported model folder; choose another --out")
     options = resolve_options(checkpoint.config, options)
     parts = plan_parts(checkpoint.config.num_layers, options.num_parts)
+    recipe = export_recipe(options)
+    estimate = memory_estimate(checkpoint, options, recipe)
+    if check_memory_first:
+        check_memory(estimate, options.target, recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
-    quantization, extra, quantized_folder = _quantization(checkpoint, options, progress)
+    with PeakRssSampler() as sampler:
+        quantization, extra, quantized_folder = _quantization(checkpoint, options, recipe, progress)
+        return _export_parts(checkpoint, out, options, parts, quantization, quantized_folder, progress,
+                             lambda: extra | _memory_record(estimate, sampler))
+
+
+def _memory_record(estimate: MemoryEstimate, sampler: PeakRssSampler) -> dict:
+    """The manifest's record of the estimated and the measured (sampled RSS) peak."""
+    sampler.sample()
+    return {"memory": {"estimated_peak_gb": round(estimate.peak_bytes / GB, 3),
+                       "measured_peak_gb": round(sampler.peak_bytes / GB, 3),
+                       "estimated_phases_gb": {k: round(v / GB, 3) for k, v in estimate.phases.items()}}}
+
+
+def _export_parts(checkpoint: Checkpoint, out: Path, options: ExportOptions, parts: list[PartSpec],
+                  quantization: GraphQuantization | None, quantized_folder: Path | None, progress: bool,
+                  extra: Callable[[], dict]) -> Manifest:
+    """Export each part not already staged by an earlier run, then move the finished folder into place."""
+    target_extra = {}
     if options.target == "cpu" and options.precision != "fp32":
-        extra = {"block_size": options.block_size, "accuracy_level": options.accuracy_level,
-                 "weight_mode": "affine", "head_bits": 8}
+        target_extra = {"block_size": options.block_size, "accuracy_level": options.accuracy_level,
+                        "weight_mode": "affine", "head_bits": 8}
     key = _export_key(checkpoint, options, quantized_folder)
     staging = staging_folder(out)
     done = _finished_parts(staging, key) if staging.exists() else {}
@@ -299,7 +334,7 @@ def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions
             special_tokens=checkpoint.special_tokens, chat_template=checkpoint.chat_template,
             precision=options.precision, target=options.target, use_conv=options.use_conv,
             sequence_length=options.sequence_length, context_length=options.context_length,
-            all_logits=options.all_logits, parts=tuple(done[p.index] for p in parts), extra=extra,
+            all_logits=options.all_logits, parts=tuple(done[p.index] for p in parts), extra=target_extra | extra(),
         )
         manifest.save(staging)
         (staging / PROGRESS_FILE).unlink()

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..quantization.encodings import ActivationEncoding
 from ..quantization.quantizers import pack_int4
+from .encodings_file import EncodingsFile
 
 OPSET = 21  # int4 and uint16 in QuantizeLinear/DequantizeLinear, block-wise DequantizeLinear
 CONTRIB = "com.microsoft"  # ONNX Runtime's contrib operators (MatMulNBits, GroupQueryAttention, ...)
@@ -75,17 +75,15 @@ class WeightFile:
 class Graph:
     """Nodes, inputs, outputs and initializers of one ONNX graph."""
 
-    def __init__(self, name: str, weights: WeightFile):
+    def __init__(self, name: str, weights: WeightFile, encodings: EncodingsFile | None = None):
         self.name = name
         self.weights = weights
+        self.encodings = encodings  # where quantized tensors are recorded (shared by a part's graphs)
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.initializers: dict[str, TensorProto] = {}
         self._constants: dict[tuple, str] = {}
-        # Quantized tensors by graph tensor name (float activations and float weights), for encodings files.
-        self.activation_encodings: dict[str, ActivationEncoding] = {}
-        self.param_encodings: dict[str, list[dict]] = {}
 
     # ---- graph interface -------------------------------------------------------------------
     def add_input(self, name: str, dtype: np.dtype, shape: Sequence[int]) -> str:

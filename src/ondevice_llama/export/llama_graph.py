@@ -16,7 +16,7 @@ import numpy as np
 from ..adapt import layout
 from ..config import LlamaConfig
 from ..loading import TensorSource
-from ..quantization.encodings import ActivationEncoding, weight_param_encodings
+from ..quantization.encodings import ActivationEncoding
 from ..quantization.quantizers import QuantizedWeight
 from .graph import Graph, Int4
 
@@ -134,7 +134,8 @@ class PartGraphBuilder:
         else:
             scale = g.weight(f"{name}_scale", lambda: arrange(scales).astype(F32))
             attrs = {"axis": 1 - out_axis, "block_size": q.group_size}
-        g.param_encodings[name] = weight_param_encodings(scales, q.bits)
+        if g.encodings is not None:
+            g.encodings.add_param(name, scales, q.bits, None if "block_size" not in attrs else q.group_size)
         return g.make_dequantize(name, codes_name, scale, output=name, **attrs)
 
     def make_projection(self, name: str, x: str, source: str, head: int | None = None) -> str:
@@ -154,7 +155,8 @@ class PartGraphBuilder:
         dtype = np.uint16 if encoding.bits == 16 else np.uint8
         scale, zero_point = g.constant(encoding.scale, F32), g.constant(encoding.zero_point, dtype)
         name = x[:x.rfind("/")] + "/qdq"
-        g.activation_encodings[x] = encoding
+        if g.encodings is not None:
+            g.encodings.add_activation(x, encoding)
         return g.make_dequantize(name, g.make_quantize(name, x, scale, zero_point), scale, zero_point)
 
     # ---- subgraphs ---------------------------------------------------------------------------

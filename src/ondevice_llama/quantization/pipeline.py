@@ -22,12 +22,25 @@ from .recipe import Recipe
 
 CALIBRATION_LENGTH = 256  # tokens per calibration row
 CALIBRATION_FILE_ROWS = 64  # at most this many rows from --calibration-file
+# Self-generated calibration text needs the whole float model in memory and a generation run: worth it
+# for GPTQ (which overfits a few hundred tokens once layers have thousands of inputs) on models between
+# these sizes. Larger ones use the hand-written set (or --calibration-file) so that memory stays bounded
+# by one layer; tiny ones (tests) have too few inputs per layer to need it.
+GENERATED_CALIBRATION_PARAMETERS = (50_000_000, 2_000_000_000)
 
 
-def calibration_batch(checkpoint: Checkpoint, calibration_file: Path | None = None) -> tuple[torch.Tensor, dict]:
+def uses_generated_calibration(checkpoint: Checkpoint, recipe: Recipe | None) -> bool:
+    low, high = GENERATED_CALIBRATION_PARAMETERS
+    return recipe is not None and recipe.algorithm == "gptq" and low <= checkpoint.config.num_parameters <= high
+
+
+def calibration_batch(checkpoint: Checkpoint, calibration_file: Path | None = None, recipe: Recipe | None = None,
+                      progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Calibration token ids [rows, CALIBRATION_LENGTH] and a description of where they came from."""
     if calibration_file is None:
-        sequences, source = builtin_sequences(checkpoint), "built-in"
+        generated = uses_generated_calibration(checkpoint, recipe)
+        sequences = builtin_sequences(checkpoint, generated=generated, progress=progress)
+        source = "built-in (hand-written + self-generated)" if generated else "built-in (hand-written)"
     else:
         sequences = file_sequences(checkpoint, calibration_file, CALIBRATION_LENGTH, CALIBRATION_FILE_ROWS)
         source = str(Path(calibration_file).resolve())
@@ -54,7 +67,7 @@ def prepare_quantized(checkpoint: Checkpoint, recipe: Recipe, calibration_file: 
             if progress:
                 print(f"reusing the quantized checkpoint {folder}", file=sys.stderr)
             return model, folder
-    calibration, info = calibration_batch(checkpoint, calibration_file)
+    calibration, info = calibration_batch(checkpoint, calibration_file, recipe, progress)
     if progress:
         print(f"quantizing {checkpoint.name} ({recipe.describe()}) on {info['tokens']} calibration tokens "
               f"({info['source']}) into {folder}", file=sys.stderr)

@@ -61,6 +61,9 @@ class QuantizedWeights(Mapping[str, QuantizedWeight]):
         return QuantizedWeight(codes, file.read(f"{name}.scales"), None, info["bits"], info["group_size"],
                                info["max_error"])
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.index  # without reading the tensor, as Mapping's default would
+
     def __iter__(self):
         return iter(self.index)
 

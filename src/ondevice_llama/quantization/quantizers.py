@@ -101,8 +101,8 @@ def pack_int4(codes: np.ndarray) -> np.ndarray:
 
 def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of `pack_int4`: int8 codes in [-8, 7] of the given shape."""
-    nibbles = np.empty(packed.size * 2, np.uint8)
-    nibbles[0::2], nibbles[1::2] = packed & 0x0F, packed >> 4
-    signed = nibbles.astype(np.int8)
-    signed[signed > 7] -= 16
-    return signed[:int(np.prod(shape))].reshape(shape)
+    codes = np.empty(packed.size * 2, np.int8)
+    # (n ^ 8) - 8 maps nibbles 0..7 to 0..7 and 8..15 to -8..-1
+    codes[0::2] = ((packed & 0x0F).astype(np.int8) ^ 8) - 8
+    codes[1::2] = ((packed >> 4).astype(np.int8) ^ 8) - 8
+    return codes[:int(np.prod(shape))].reshape(shape)
