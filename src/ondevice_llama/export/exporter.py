@@ -261,12 +261,14 @@ def _quantization(checkpoint: Checkpoint, options: ExportOptions, recipe: Recipe
 
 def memory_estimate(checkpoint: Checkpoint, options: ExportOptions, recipe: Recipe | None) -> MemoryEstimate:
     """The peak memory this (resolved) export needs, from its configuration."""
-    from ..quantization.pipeline import quantized_cache_folder, uses_generated_calibration
+    from ..quantization.pipeline import calibration_token_estimate, quantized_cache_folder, uses_generated_calibration
 
     quantize = recipe is not None and options.quantized is None and not (
         quantized_cache_folder(checkpoint, recipe, options.calibration_file) / "quantization.json").exists()
     generated = options.calibration_file is None and uses_generated_calibration(checkpoint, recipe)
-    return estimate_export_memory(checkpoint.config, options.target, options.precision, recipe, generated, quantize)
+    tokens = calibration_token_estimate(generated, options.calibration_file is not None)
+    return estimate_export_memory(checkpoint.config, options.target, options.precision, recipe, generated, quantize,
+                                  tokens)
 
 
 def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions = ExportOptions(),

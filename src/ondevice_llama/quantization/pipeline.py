@@ -16,7 +16,7 @@ import torch
 
 from ..files import cache_root, fingerprint
 from ..loading import Checkpoint
-from .calibration import builtin_sequences, file_sequences, pack_sequences
+from .calibration import SEED_PROMPTS, Generation, builtin_sequences, file_sequences, pack_sequences
 from .quantize_model import QUANTIZED_VERSION, QuantizedModel, quantize_model
 from .recipe import Recipe
 
@@ -32,6 +32,14 @@ GENERATED_CALIBRATION_PARAMETERS = (50_000_000, 2_000_000_000)
 def uses_generated_calibration(checkpoint: Checkpoint, recipe: Recipe | None) -> bool:
     low, high = GENERATED_CALIBRATION_PARAMETERS
     return recipe is not None and recipe.algorithm == "gptq" and low <= checkpoint.config.num_parameters <= high
+
+
+def calibration_token_estimate(generated: bool, from_file: bool) -> int:
+    """About how many calibration tokens a quantization runs through each layer (for the memory estimate)."""
+    if from_file:
+        return CALIBRATION_FILE_ROWS * CALIBRATION_LENGTH
+    handwritten = 1024
+    return handwritten + (len(SEED_PROMPTS) * Generation().length if generated else 0)
 
 
 def calibration_batch(checkpoint: Checkpoint, calibration_file: Path | None = None, recipe: Recipe | None = None,

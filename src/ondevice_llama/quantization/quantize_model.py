@@ -259,7 +259,8 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
                                                        hessian)
             head = _dequantized(head_weights["lm_head"])
         with torch.no_grad():
-            observer("logits", normed @ head.T)
+            for row in normed:  # one row at a time: all rows' logits at once can take gigabytes
+                observer("logits", row @ head.T)
         sink.add("head.safetensors", head_weights)
         encodings = encodings_from_ranges(observer.ranges, recipe.activation_bits_for)
         info = calibration_info or {"rows": int(calibration.shape[0]), "length": int(calibration.shape[1])}
