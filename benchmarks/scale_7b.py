@@ -35,7 +35,7 @@ model = ExportedModel(sys.argv[1], threads=int(sys.argv[2]) or None)
 runner = Runner(model, draw_tokens({prompt}, model.config.vocab_size, special_ids(model.tokenizer)))
 runner.ttft(16)  # sessions warm
 prefill, ttft = runner.ttft({prompt})
-tok_s = runner.decode({prompt}, int(sys.argv[3]))
+tok_s = runner.decode(128, int(sys.argv[3]))  # after a 128-token prompt, as `ondevice-llama bench`
 print(json.dumps({{"ttft_{prompt}_s": ttft, "prefill_{prompt}_s": prefill, "decode_tok_per_s": tok_s}}))
 """
 
@@ -60,12 +60,16 @@ def ensure_checkpoint(path: Path) -> None:
     subprocess.run(command, check=True)
 
 
-def measure_target(target: str, checkpoint: Path, work: Path, threads: int, steps: int) -> dict:
+def measure_target(target: str, checkpoint: Path, work: Path, threads: int, steps: int, reuse: Path | None) -> dict:
     out = work / target
     command = [sys.executable, "-m", "ondevice_llama.cli.main", "export", "--checkpoint", str(checkpoint),
                "--out", str(out), "--quiet", *EXPORT_ARGS[target]]
     print(f"{target}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    seconds, peak, _ = run_measured(command)
+    if reuse and (out / "manifest.json").exists():  # keep the earlier run's export figures
+        earlier = next(e for e in json.loads(reuse.read_text())["entries"] if e["target"] == target)
+        seconds, peak = earlier["export_s"], earlier["peak_rss_gb"]
+    else:
+        seconds, peak, _ = run_measured(command)
     manifest = json.loads((out / "manifest.json").read_text())
     memory = manifest["extra"]["memory"]
     entry = {"target": target, "precision": manifest["precision"], "parts": len(manifest["parts"]),
@@ -103,12 +107,15 @@ def main() -> int:
     parser.add_argument("--targets", default="npu,cpu")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--reuse-exports", action="store_true",
+                        help="keep exports (and their figures in --json) from an earlier run; measure speed again")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "scale_7b.json")
     args = parser.parse_args()
     ensure_checkpoint(args.checkpoint)
     args.work.mkdir(parents=True, exist_ok=True)
     targets = args.targets.split(",")
-    entries = [measure_target(t, args.checkpoint, args.work, args.threads, args.decode_steps) for t in targets]
+    reuse = args.json if args.reuse_exports and args.json.exists() else None
+    entries = [measure_target(t, args.checkpoint, args.work, args.threads, args.decode_steps, reuse) for t in targets]
     if args.json.exists():  # keep the latest entry of each target not measured in this run
         earlier = json.loads(args.json.read_text()).get("entries", [])
         entries = [e for e in earlier if e["target"] not in targets] + entries

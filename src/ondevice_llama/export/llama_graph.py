@@ -221,7 +221,8 @@ class PartGraphBuilder:
         q = self.make_rope(f"{name}/q_rope", self.rows_from_stream(f"{name}/q_rows", q, d), cos, sin)
         scores = g.make_matmul(f"{name}/scores", self.qdq(tap + "q_rope", q), keys)
         scores = g.make_mul(f"{name}/scale", scores, g.constant(d**-0.5, F32))
-        scores = self.qdq(tap + "scores", g.make_add(f"{name}/mask", scores, mask))
+        # Quantized before the mask: the static cache's empty slots stay exactly masked (as in the simulation).
+        scores = g.make_add(f"{name}/mask", self.qdq(tap + "scores", scores), mask)
         probs = self.qdq(tap + "probs", g.make_softmax(name, scores))
         return self.qdq(tap + "context", g.make_matmul(f"{name}/context", probs, values))
 

@@ -97,7 +97,8 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         k, v = repeat_kv(k, c.group_size), repeat_kv(v, c.group_size)
-        scores = tap(p + "scores", (q @ k.transpose(-1, -2)) * c.head_dim**-0.5 + mask)
+        # Quantized before the mask is added: masked entries then stay exactly masked, however many there are.
+        scores = tap(p + "scores", (q @ k.transpose(-1, -2)) * c.head_dim**-0.5) + mask
         probs = tap(p + "probs", F.softmax(scores.float(), dim=-1).to(q.dtype))
         out = tap(p + "context", probs @ v)
         return tap(p + "o", self.o_proj(out.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)))
