@@ -32,9 +32,8 @@ def test_peak_sampler_sees_a_phase_peak_after_the_memory_is_freed():
         del block
     assert sampler.growth_bytes >= 60 * MB
     assert sampler.peak_bytes >= sampler.start_bytes + 60 * MB
-    # The peak is remembered after the block is freed (whether the allocator returns those pages to the
-    # system at once depends on what ran before in the process, so the current RSS is not asserted).
-    assert sampler.peak_bytes >= sampler.start_bytes + 60 * MB
+    # The peak above is read after the block was freed: remembered. Whether the allocator returns those pages
+    # at once depends on what ran before in the process, so the current RSS is not asserted.
 
 
 def test_chunked_reads_convert_exactly(tmp_path, monkeypatch):
