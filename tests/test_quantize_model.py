@@ -45,7 +45,7 @@ def test_recipe_round_trip_and_errors(tmp_path):
 def test_quantize_model_end_to_end(tiny_checkpoints, tmp_path):
     """Every weight and every tap gets quantized; the saved checkpoint reloads identically; w8a16 stays close."""
     checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
-    calibration = pack_sequences(builtin_sequences(checkpoint), 64)
+    calibration = pack_sequences(builtin_sequences(checkpoint, generated=False), 64)
     quantized = quantize_model(checkpoint, Recipe.from_precision("w8a16", block_size=32), calibration,
                                progress=False)
     c = checkpoint.config
@@ -66,7 +66,7 @@ def test_quantize_model_end_to_end(tiny_checkpoints, tmp_path):
 def test_quantize_model_streams_to_disk_identically(tiny_checkpoints, tmp_path):
     """With `out`, layers are written as they are quantized (4-bit codes packed) and read back unchanged."""
     checkpoint = open_checkpoint(tiny_checkpoints["mha_untied"])
-    calibration = pack_sequences(builtin_sequences(checkpoint), 32)
+    calibration = pack_sequences(builtin_sequences(checkpoint, generated=False), 32)
     recipe = Recipe.from_precision("w4a16", block_size=32, algorithm="rtn", overrides={"layers.1.up_proj": 8})
     in_memory = quantize_model(checkpoint, recipe, calibration, progress=False)
     on_disk = quantize_model(checkpoint, recipe, calibration, progress=False, out=tmp_path / "q")

@@ -34,22 +34,24 @@ def search_scales(w: torch.Tensor, bits: int, group_size: int, importance: torch
     if cols % group_size:
         raise ValueError(f"input size {cols} is not a multiple of the block size {group_size}")
     qmax = 2 ** (bits - 1) - 1
-    g = w.reshape(out, cols // group_size, group_size)
-    weights = (torch.ones(cols, dtype=w.dtype) if importance is None else importance.to(w.dtype))
-    weights = weights.reshape(1, cols // group_size, group_size)
-    absmax = g.abs().amax(dim=-1)
+    absmax = w.reshape(out, cols // group_size, group_size).abs().amax(dim=-1).double()
+    g = w.reshape(out, cols // group_size, group_size).float()  # the search itself in fp32 (fast)
+    weights = (torch.ones(cols) if importance is None else importance.float()).reshape(1, cols // group_size,
+                                                                                    group_size)
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     best_scale, best_error = absmax / qmax, None
+    work = torch.empty_like(g)
     for shrink in grid:
         scale = absmax * shrink / qmax
-        q = torch.clamp(torch.round(g / scale[..., None]), -qmax - 1, qmax)
-        error = (((q * scale[..., None] - g) ** 2) * weights).sum(dim=-1)
+        s = scale.float()[..., None]
+        torch.div(g, s, out=work).round_().clamp_(-qmax - 1, qmax).mul_(s).sub_(g).square_().mul_(weights)
+        error = work.sum(dim=-1, dtype=torch.float64)
         if best_error is None:
             best_scale, best_error = scale, error
         else:
             better = error < best_error
             best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
-    return best_scale
+    return best_scale.to(w.dtype)
 
 
 def _scales(w: torch.Tensor, bits: int, group_size: int, clip_search: bool, importance: torch.Tensor) -> torch.Tensor:

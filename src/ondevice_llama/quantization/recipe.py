@@ -31,9 +31,10 @@ class Recipe:
     overrides: dict[str, int] = field(default_factory=dict)  # tensor name (e.g. "layers.3.down_proj") -> bits
     # GPTQ options (see quantization.gptq): Hessian damping as a fraction of its mean diagonal, columns in
     # decreasing Hessian-diagonal order (static block scales), Hessian-weighted MSE search of the scales.
-    damp: float = 0.01
-    act_order: bool = False
-    clip_search: bool = False
+    # The defaults are the best measured on the default model (benchmarks/quantization_quality.py).
+    damp: float = 0.05
+    act_order: bool = True
+    clip_search: bool = True
 
     def __post_init__(self) -> None:
         if self.weight_bits not in (4, 8) or self.head_bits not in (4, 8):

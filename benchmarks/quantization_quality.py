@@ -1,0 +1,161 @@
+"""Quality of weight quantization on the default model: round-to-nearest (RTN) against GPTQ, w4a16.
+
+One run quantizes the model once per row (layer by layer, built-in calibration set), simulates each
+quantized model in the PyTorch reference (integer weights dequantized, activations fake-quantized to the
+recipe's 16-bit encodings: the "simulated" evaluation source) and scores every one on the same wikitext
+windows: perplexity, KL divergence to float and top-1 agreement with float. "gap closed" is how much of
+RTN's perplexity gap to float an algorithm closes at the same granularity:
+(ppl_RTN - ppl_alg) / (ppl_RTN - ppl_float).
+
+    python benchmarks/quantization_quality.py [--max-tokens 2048] [--context-length 512] [--block-sizes 32,64]
+
+(The default model's inputs are 576 and 1536 wide: block 128 does not divide 576, so it is skipped.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ondevice_llama.evaluation import evaluate, float_logits, load_text_tokens, simulated_logits
+from ondevice_llama.loading import open_checkpoint
+from ondevice_llama.quantization.calibration import builtin_sequences, pack_sequences
+from ondevice_llama.quantization.quantize_model import quantize_model
+from ondevice_llama.quantization.recipe import Recipe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CALIBRATION_LENGTH = 256  # tokens per calibration row, as quantization.pipeline packs them
+
+
+def rows(block_sizes: list[int]) -> list[tuple[str, Recipe, str | None]]:
+    """(name, recipe, the RTN row it is compared with) for every quantized row of the table."""
+    best = Recipe()  # the library's default GPTQ settings
+    table = [("w8a16 RTN per-channel", Recipe.from_precision("w8a16", algorithm="rtn"), None)]
+    for block in [None, *block_sizes]:
+        where = f"block {block}" if block else "per-channel"
+        rtn = f"w4a16 RTN {where}"
+        table.append((rtn, Recipe.from_precision("w4a16", algorithm="rtn", block_size=block), None))
+        table.append((f"w4a16 GPTQ {where}", replace(best, weight_bits=4, activation_bits=16, block_size=block), rtn))
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint (default: the default model)")
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--max-tokens", type=int, default=2048)
+    parser.add_argument("--context-length", type=int, default=512)
+    parser.add_argument("--block-sizes", default="32", help="comma-separated block sizes besides per-channel")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "quantization_quality.json")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "quantization_quality.png")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    block_sizes = [int(b) for b in args.block_sizes.split(",") if b]
+
+    checkpoint = open_checkpoint(args.model)
+    c = checkpoint.config
+    widths = {c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim}
+    for block in [b for b in block_sizes if any(w % b for w in widths)]:
+        print(f"block {block} skipped: it does not divide the layer input sizes {sorted(widths)}", file=sys.stderr)
+        block_sizes.remove(block)
+    tokens = load_text_tokens(args.text, checkpoint.tokenizer, args.max_tokens)
+    start = time.perf_counter()
+    sequences = builtin_sequences(checkpoint, generated=True)
+    calibration = pack_sequences(sequences, CALIBRATION_LENGTH)
+    calibration_seconds = time.perf_counter() - start
+    print(f"calibration: {calibration.shape[0]} x {calibration.shape[1]} tokens (built-in set, "
+          f"{calibration_seconds:.0f} s to load or generate)", file=sys.stderr)
+
+    sources = {"float": float_logits(checkpoint)}
+    recipes, seconds, compare = {}, {}, {}
+    for name, recipe, rtn in rows(block_sizes):
+        start = time.perf_counter()
+        quantized = quantize_model(checkpoint, recipe, calibration, progress=True)
+        seconds[name] = time.perf_counter() - start
+        print(f"{name}: quantized in {seconds[name]:.0f} s", file=sys.stderr)
+        sources[name], recipes[name], compare[name] = simulated_logits(checkpoint, quantized), recipe, rtn
+        del quantized
+    report = evaluate(sources, tokens, args.context_length, reference="float")
+
+    ppl = {name: r.perplexity for name, r in report.sources.items()}
+    results = []
+    for name, r in report.sources.items():
+        rtn = compare.get(name)
+        gap = None if rtn is None else 100 * (ppl[rtn] - ppl[name]) / (ppl[rtn] - ppl["float"])
+        results.append({"name": name, "perplexity": r.perplexity, "kl_to_float": r.kl_to_reference,
+                        "top1_agreement": r.top1_agreement, "gap_closed_percent": gap, "compared_with": rtn,
+                        "quantize_seconds": seconds.get(name),
+                        "recipe": recipes[name].to_dict() if name in recipes else None})
+    header = (f"{checkpoint.name}, {args.text.name}: {report.tokens} tokens in {report.windows} windows of "
+              f"{report.window} (context length {report.window}), {report.positions} positions scored; "
+              f"calibration {calibration.shape[0]} x {calibration.shape[1]} built-in tokens")
+    print(header)
+    print(table(results))
+    data = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": checkpoint.name,
+            "model_path": str(checkpoint.path), "text": str(args.text), "max_tokens": args.max_tokens,
+            "context_length": report.window, "tokens": report.tokens, "windows": report.windows,
+            "positions": report.positions, "calibration_rows": calibration.shape[0],
+            "calibration_length": calibration.shape[1], "calibration_source": "built-in (hand-written + generated)",
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
+            "rows": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    plot(results, args.plot, header)
+    return 0
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'source':26s} {'perplexity':>10s} {'KL to float':>12s} {'top-1 agr.':>10s} {'gap closed':>10s} "
+             f"{'quantize s':>10s}"]
+    for r in results:
+        kl = "-" if r["kl_to_float"] is None else f"{r['kl_to_float']:.4f}"
+        top1 = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
+        gap = "-" if r["gap_closed_percent"] is None else f"{r['gap_closed_percent']:.0f}%"
+        secs = "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}"
+        lines.append(f"{r['name']:26s} {r['perplexity']:10.2f} {kl:>12s} {top1:>10s} {gap:>10s} {secs:>10s}")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in results]
+    colors = ["tab:gray" if n == "float" else "tab:blue" if "GPTQ" in n else "tab:orange" for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, label in ((axes[0], "perplexity", "perplexity (lower is better)"),
+                           (axes[1], "kl_to_float", "KL to float, nats/token (lower is better)")):
+        values = [r[key] or 0.0 for r in results]
+        bars = ax.barh(names, values, color=colors)
+        for bar, r, v in zip(bars, results, values, strict=True):
+            note = f"{v:.2f}" if key == "perplexity" else f"{v:.3f}"
+            if key == "perplexity" and r["gap_closed_percent"] is not None:
+                note += f"  ({r['gap_closed_percent']:.0f}% of RTN's gap closed)"
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + note, va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.set_xlim(0, max(values) * 1.6)
+    axes[1].set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
