@@ -28,6 +28,7 @@ import torch
 from ondevice_llama.evaluation import evaluate, float_logits, load_text_tokens, simulated_logits
 from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.quantization.calibration import builtin_sequences, pack_sequences
+from ondevice_llama.quantization.pipeline import attention_sink_token
 from ondevice_llama.quantization.quantize_model import quantize_model
 from ondevice_llama.quantization.recipe import Recipe
 
@@ -72,7 +73,8 @@ def main() -> int:
     tokens = load_text_tokens(args.text, checkpoint.tokenizer, args.max_tokens)
     start = time.perf_counter()
     sequences = builtin_sequences(checkpoint, generated=True)
-    calibration = pack_sequences(sequences, CALIBRATION_LENGTH)
+    sink = attention_sink_token(checkpoint)
+    calibration = pack_sequences(sequences, CALIBRATION_LENGTH, first_token=sink)
     calibration_seconds = time.perf_counter() - start
     print(f"calibration: {calibration.shape[0]} x {calibration.shape[1]} tokens (built-in set, "
           f"{calibration_seconds:.0f} s to load or generate)", file=sys.stderr)
@@ -81,12 +83,12 @@ def main() -> int:
     recipes, seconds, compare = {}, {}, {}
     for name, recipe, rtn in rows(block_sizes):
         start = time.perf_counter()
-        quantized = quantize_model(checkpoint, recipe, calibration, progress=True)
+        quantized = quantize_model(checkpoint, recipe, calibration, progress=True, sink_token=sink)
         seconds[name] = time.perf_counter() - start
         print(f"{name}: quantized in {seconds[name]:.0f} s", file=sys.stderr)
         sources[name], recipes[name], compare[name] = simulated_logits(checkpoint, quantized), recipe, rtn
         del quantized
-    report = evaluate(sources, tokens, args.context_length, reference="float")
+    report = evaluate(sources, tokens, args.context_length, reference="float", bos=sink)
 
     ppl = {name: r.perplexity for name, r in report.sources.items()}
     results = []
@@ -98,14 +100,14 @@ def main() -> int:
                         "quantize_seconds": seconds.get(name),
                         "recipe": recipes[name].to_dict() if name in recipes else None})
     header = (f"{checkpoint.name}, {args.text.name}: {report.tokens} tokens in {report.windows} windows of "
-              f"{report.window} (context length {report.window}), {report.positions} positions scored; "
+              f"{report.window} (BOS + {report.window - 1} text tokens), {report.positions} positions scored; "
               f"calibration {calibration.shape[0]} x {calibration.shape[1]} built-in tokens")
     print(header)
     print(table(results))
     data = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": checkpoint.name,
             "model_path": str(checkpoint.path), "text": str(args.text), "max_tokens": args.max_tokens,
             "context_length": report.window, "tokens": report.tokens, "windows": report.windows,
-            "positions": report.positions, "calibration_rows": calibration.shape[0],
+            "positions": report.positions, "bos_token": sink, "calibration_rows": calibration.shape[0],
             "calibration_length": calibration.shape[1], "calibration_source": "built-in (hand-written + generated)",
             "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
             "rows": results}

@@ -6,17 +6,24 @@ import numpy as np
 import pytest
 import torch
 
+from ondevice_llama.adapt.mask import MASK_VALUE
 from ondevice_llama.loading import open_checkpoint
-from ondevice_llama.model import load_reference
+from ondevice_llama.model import build_reference, load_reference
 from ondevice_llama.quantization import calibration
 from ondevice_llama.quantization.calibration import (
+    FakeQuantTap,
     Generation,
+    RangeObserver,
     _Decoder,
     builtin_sequences,
     generated_sequences,
     handwritten_sequences,
+    pack_sequences,
     seed_prompt_ids,
 )
+from ondevice_llama.quantization.encodings import ActivationEncoding
+from ondevice_llama.quantization.quantize_model import QuantizedSource, quantize_model
+from ondevice_llama.quantization.recipe import Recipe
 
 SHORT = Generation(length=14, batch=5)
 PROMPTS = (("chat", "What is 2 + 2?"), ("text", "Once upon a time"), ("text", "def main():\n"),
@@ -74,3 +81,75 @@ def test_builtin_set_is_handwritten_then_generated(tiny_checkpoints, tmp_path, m
     sequences = builtin_sequences(checkpoint, progress=False)
     assert sequences[:len(handwritten)] == handwritten
     assert np.asarray(sequences[len(handwritten):]).shape == (len(seed_prompt_ids(checkpoint)), SHORT.length)
+
+
+def test_rows_start_with_the_sink_token_once():
+    rows = pack_sequences([[1, 5, 6, 7], [1, 8, 9], [10, 11, 12, 13, 14]], 4, first_token=1)
+    assert rows.tolist() == [[1, 5, 6, 7], [1, 8, 9, 10], [1, 11, 12, 13]]  # the short tail is dropped
+    assert pack_sequences([[5]], 4, first_token=1).tolist() == [[1, 5, 5, 5]]  # too little text: repeated
+
+
+def test_range_observer_leaves_out_position_zero_and_rare_outliers():
+    x = torch.linspace(-2, 3, 4 * 50 * 60).reshape(4, 50, 60)
+    x[:, 0, 7] = 5000.0  # position 0 of every row: the attention sink's massive activation
+    skipping = RangeObserver(skip_first=True)
+    skipping("layers.0.mlp_residual", x)
+    lo, hi = skipping.ranges["layers.0.mlp_residual"]
+    assert lo == pytest.approx(-2, abs=0.05) and hi == pytest.approx(3, abs=0.05)
+    plain = RangeObserver()
+    plain("layers.0.mlp_residual", x)
+    assert plain.ranges["layers.0.mlp_residual"][1] == 5000.0  # 4 of 12,000 values: more than 1e-5 of them
+    big = torch.randn(2, 1000, 200)
+    big[1, 500, 3] = 1e4  # one value in 400,000: a rare second sink, left out
+    observer = RangeObserver()
+    observer("x", big)
+    observer("x", big * 0.5)  # ranges merge over calls
+    lo, hi = observer.ranges["x"]
+    assert 3 < hi < 6 and -6 < lo < -3
+    scores = torch.full((1, 2, 4, 4), MASK_VALUE)
+    scores[..., 0] = torch.tensor([0.5, -1.0, 2.0, 1.0])
+    observer("layers.0.scores", scores)
+    assert observer.ranges["layers.0.scores"] == (-1.0, 2.0)  # masked entries left out
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (2, 5, 7), (2, 3, 5, 7)])
+def test_fake_quant_keeps_position_zero_in_float(shape):
+    x = torch.randn(shape) * 3
+    encoding = ActivationEncoding(8, -1.0, 1.0)
+    out = FakeQuantTap({"t": encoding}, float_first=True)("t", x)
+    all_quantized = FakeQuantTap({"t": encoding})("t", x)
+    first = (slice(None),) * max(0, len(shape) - 2) + (slice(0, 1),)
+    later = (slice(None),) * max(0, len(shape) - 2) + (slice(1, None),)
+    torch.testing.assert_close(out[first], x[first], rtol=0, atol=0)
+    torch.testing.assert_close(out[later], all_quantized[later], rtol=0, atol=0)
+
+
+def test_recorded_sink_is_position_zero_of_the_simulated_model(tiny_checkpoints):
+    """The sink's keys, values and logits (kept from the calibration pass) are what the simulated model
+    computes at position 0, where it keeps activations in float."""
+    checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
+    sink = checkpoint.special_tokens.bos_id
+    calibration = pack_sequences(handwritten_sequences(checkpoint), 32, first_token=sink)
+    quantized = quantize_model(checkpoint, Recipe.from_precision("w4a16", block_size=32, algorithm="rtn"),
+                               calibration, progress=False, sink_token=sink)
+    c = checkpoint.config
+    recorded = {}
+
+    def tap(name, x):
+        if name.endswith((".k_rope", ".v")):
+            recorded[name] = x
+        return FakeQuantTap(quantized.activations, float_first=True)(name, x)
+
+    model = build_reference(c, QuantizedSource(checkpoint.tensors, quantized), torch.float32)
+    model.set_tap(tap)
+    with torch.no_grad():
+        logits = model(torch.tensor([[sink, 5, 6]]))[0, 0]
+    s = quantized.attention_sink
+    assert s.token == sink and s.keys.shape == (c.num_layers, c.num_kv_heads, c.head_dim)
+    for layer in range(c.num_layers):
+        np.testing.assert_allclose(s.keys[layer], recorded[f"layers.{layer}.k_rope"][0, :, 0], atol=1e-5)
+        np.testing.assert_allclose(s.values[layer].reshape(-1), recorded[f"layers.{layer}.v"][0, 0], atol=1e-5)
+    np.testing.assert_allclose(s.logits, logits, atol=1e-4)
+    with pytest.raises(ValueError, match="attention sink token"):
+        quantize_model(checkpoint, Recipe.from_precision("w4a16", algorithm="rtn"), calibration[:, 1:],
+                       progress=False, sink_token=sink)

@@ -85,6 +85,7 @@ class Manifest:
     parts: tuple[PartManifest, ...]
     tokenizer_file: str = "tokenizer.json"
     extra: dict[str, Any] = field(default_factory=dict)  # measurements and notes, free-form
+    attention_sink_file: str | None = None  # quantized exports: position 0 precomputed (runtime.attention_sink)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -108,6 +109,7 @@ class Manifest:
             context_length=int(data["context_length"]), all_logits=bool(data["all_logits"]),
             parts=tuple(PartManifest.from_dict(p) for p in data["parts"]),
             tokenizer_file=data.get("tokenizer_file", "tokenizer.json"), extra=data.get("extra", {}),
+            attention_sink_file=data.get("attention_sink_file"),
         )
 
 

@@ -179,7 +179,7 @@ class Runner:
 
     def ttft(self, length: int) -> tuple[float, float]:
         """(prefill seconds, TTFT seconds) for `length` tokens from an empty cache."""
-        self.cache.truncate(0)
+        self.cache.truncate(len(self.model.prefix))  # the attention sink stays
         start = time.perf_counter()
         logits = self.model.prefill(self.tokens[:length], self.cache)
         prefilled = time.perf_counter()
@@ -188,7 +188,7 @@ class Runner:
 
     def decode(self, prompt: int, steps: int) -> float:
         """Tokens/s of `steps` greedy decode steps after a `prompt`-token prefill (0: from an empty cache)."""
-        self.cache.truncate(0)
+        self.cache.truncate(len(self.model.prefix))  # the attention sink stays
         token = self.tokens[0]
         if prompt:
             token = _argmax(self.model.prefill(self.tokens[:prompt], self.cache))
@@ -201,7 +201,7 @@ class Runner:
         """Per-part session seconds of one `prefill`-token prefill and of each of `steps` decode steps, with the
         wall time of each call last: {"prefill": [[part1, ..., wall]], "decode": [[part1, ..., wall], ...]}."""
         out: dict[str, list[list[float]]] = {"prefill": [], "decode": []}
-        self.cache.truncate(0)
+        self.cache.truncate(len(self.model.prefix))  # the attention sink stays
         with timed_parts(self.model.engine) as clock:
             start = time.perf_counter()
             token = _argmax(self.model.prefill(self.tokens[:prefill], self.cache))
@@ -236,7 +236,7 @@ def measure(model, repetitions: int, lengths: list[int], progress: bool = True) 
     """Run every measurement once to warm up, then `repetitions` times, interleaved; return the raw samples."""
     from tqdm import tqdm
 
-    plan, notes = _plan(model.context_length, lengths)
+    plan, notes = _plan(model.context_length - len(model.prefix), lengths)  # the attention sink takes a slot
     vocab = min(model.config.vocab_size, model.tokenizer.get_vocab_size())
     count = max(plan["measured"] + [plan["prompt"], plan["part_prefill"], 1])
     runner = Runner(model, draw_tokens(count, vocab, special_ids(model.tokenizer, model.manifest.special_tokens)))

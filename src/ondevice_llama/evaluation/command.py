@@ -34,7 +34,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         sources, tokens, window = _checkpoint(args, info)
     reference = "float" if "float" in sources and len(sources) > 1 else None
     compare = (("exported", "simulated"),) if {"exported", "simulated"} <= set(sources) else ()
-    report = evaluate(sources, tokens, window, reference=reference, progress=not args.quiet, compare=compare)
+    # Every window starts with the model's BOS, if it has one: quantized exports run every sequence after
+    # it (runtime.attention_sink), and all sources must see the same tokens.
+    report = evaluate(sources, tokens, window, reference=reference, progress=not args.quiet, compare=compare,
+                      bos=info.pop("bos_id"))
     print(f"{info['model_name']} on {args.text}:")
     print(report.table())
     if args.json is not None:
@@ -62,6 +65,7 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
              "export": {"target": manifest.target, "precision": manifest.precision,
                         "sequence_length": manifest.sequence_length, "context_length": manifest.context_length,
                         "parts": len(manifest.parts), "source": manifest.source}}
+    info["bos_id"] = manifest.special_tokens.bos_id
     tokenizer = Tokenizer.from_file(str(args.model / manifest.tokenizer_file))
     tokens = load_text_tokens(args.text, tokenizer, args.max_tokens)
     sources: dict[str, LogitFn] = {}
@@ -104,7 +108,7 @@ def _quantized(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str
         raise ValueError(f"{args.model}: the checkpoint it was quantized from ({source or 'unknown'}) is gone")
     checkpoint = open_checkpoint(source)
     info |= {"kind": "quantized", "model_name": checkpoint.name, "float_checkpoint": str(checkpoint.path),
-             "quantization": quantized.recipe.to_dict()}
+             "quantization": quantized.recipe.to_dict(), "bos_id": checkpoint.special_tokens.bos_id}
     tokens = load_text_tokens(args.text, checkpoint.tokenizer, args.max_tokens)
     return {"float": float_logits(checkpoint), "simulated": simulated_logits(checkpoint, quantized)}, tokens, \
         args.context_length
@@ -119,7 +123,8 @@ def _checkpoint(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[st
         raise ValueError(f"{args.model}: --no-float leaves nothing to evaluate for a checkpoint "
                          f"(it applies to exported folders)")
     checkpoint = open_checkpoint(args.model)
-    info |= {"kind": "checkpoint", "model_name": checkpoint.name, "float_checkpoint": str(checkpoint.path)}
+    info |= {"kind": "checkpoint", "model_name": checkpoint.name, "float_checkpoint": str(checkpoint.path),
+             "bos_id": checkpoint.special_tokens.bos_id}
     tokens = load_text_tokens(args.text, checkpoint.tokenizer, args.max_tokens)
     sources = {"float": float_logits(checkpoint)}
     if args.precision is not None:

@@ -5,6 +5,9 @@ The protocol is the usual wikitext one with stride = window: the token stream is
 0..L-2 are scored against tokens 1..L-1 (the first token of a window has no context and is not scored).
 KL and top-1 agreement are taken on the same positions. A last partial window shorter than 2 tokens
 has nothing to score and is dropped. Only one window of logits per source is held at a time.
+
+With `bos` (the model's BOS token, which quantized exports need: runtime.attention_sink), every window
+starts with it and holds `window` - 1 text tokens, all of them scored: models see text that way in use.
 """
 
 from __future__ import annotations
@@ -49,22 +52,25 @@ class EvaluationReport:
     window: int  # tokens per window (= the context each window is run with)
     tokens: int  # tokens evaluated (all windows)
     windows: int
-    positions: int  # scored positions per source: tokens - windows
+    positions: int  # scored positions per source: tokens - windows, or tokens with `bos`
     reference: str | None
     sources: dict[str, SourceResult] = field(default_factory=dict)
     comparisons: dict[str, SourceResult] = field(default_factory=dict)  # "a vs b": a measured against b
+    bos: int | None = None  # the token each window started with, if any
 
     def to_dict(self) -> dict[str, Any]:
         return {"window": self.window, "tokens": self.tokens, "windows": self.windows,
-                "positions": self.positions, "reference": self.reference,
+                "positions": self.positions, "reference": self.reference, "bos": self.bos,
                 "sources": {name: vars(result).copy() for name, result in self.sources.items()},
                 "comparisons": {name: vars(result).copy() for name, result in self.comparisons.items()}}
 
     def table(self) -> str:
         """A plain-text table, one row per source, preceded by a line that says what was measured."""
         ref = self.reference if any(name != self.reference for name in self.sources) else None
-        shorter = self.tokens < self.windows * self.window
+        per_window = self.window - (self.bos is not None)
+        shorter = self.tokens < self.windows * per_window
         lines = [f"{self.tokens} tokens in {self.windows} window(s) of {self.window} tokens"
+                 + (f" (BOS {self.bos} + {per_window} text tokens)" if self.bos is not None else "")
                  + (" (the last one shorter)" if shorter else "")
                  + f", context length {self.window}, {self.positions} positions scored per source"
                  + (f"; reference: {ref}" if ref else "")]
@@ -89,7 +95,8 @@ class EvaluationReport:
 
 
 def evaluate(sources: dict[str, LogitFn], tokens: list[int], window: int, reference: str | None = "float",
-             progress: bool = True, compare: tuple[tuple[str, str], ...] = ()) -> EvaluationReport:
+             progress: bool = True, compare: tuple[tuple[str, str], ...] = (), bos: int | None = None
+             ) -> EvaluationReport:
     """Score every source on `tokens` window by window (see the module docstring for the protocol).
 
     `reference` names the source the others are compared with (KL divergence, top-1 agreement); None
@@ -100,7 +107,12 @@ def evaluate(sources: dict[str, LogitFn], tokens: list[int], window: int, refere
         raise ValueError("nothing to evaluate: no sources")
     if reference is not None and reference not in sources:
         raise ValueError(f"reference {reference!r} is not among the sources {sorted(sources)}")
-    windows = split_windows(tokens, window)
+    if bos is None:
+        windows = split_windows(tokens, window)
+    elif window < 2:
+        raise ValueError(f"the window must hold at least 2 tokens, got {window}")
+    else:
+        windows = [[bos, *tokens[i:i + window - 1]] for i in range(0, len(tokens), window - 1)]
     if not windows:
         raise ValueError(f"{len(tokens)} token(s): at least 2 are needed to score anything")
     order = ([reference] if reference else []) + [name for name in sources if name != reference]
@@ -127,7 +139,8 @@ def evaluate(sources: dict[str, LogitFn], tokens: list[int], window: int, refere
                for name in sources}
     total = sum(len(w) for w in windows)
     comparisons = {f"{a} vs {b}": SourceResult.from_sums(pair_sums[(a, b)], True) for a, b in compare}
-    return EvaluationReport(window=window, tokens=total, windows=len(windows), positions=total - len(windows),
+    return EvaluationReport(window=window, tokens=total - (bos is not None) * len(windows), windows=len(windows),
+                            positions=total - len(windows), bos=bos,
                             reference=reference, sources=results, comparisons=comparisons)
 
 

@@ -53,11 +53,13 @@ def simulated_logits(checkpoint: Checkpoint | Path | str | None, quantized: Quan
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
     model = build_reference(checkpoint.config, QuantizedSource(checkpoint.tensors, quantized), torch.float32)
-    model.set_tap(FakeQuantTap(quantized.activations))
+    sink = quantized.attention_sink
+    model.set_tap(FakeQuantTap(quantized.activations, float_first=sink is not None))
 
     def logits(tokens: list[int]) -> np.ndarray:
+        ids = sink.with_sink(tokens) if sink is not None else list(tokens)  # as the export runs them
         with torch.no_grad():
-            return model(torch.tensor([tokens], dtype=torch.long))[0].float().numpy()
+            return model(torch.tensor([ids], dtype=torch.long))[0, len(ids) - len(tokens):].float().numpy()
 
     return logits
 

@@ -28,6 +28,7 @@ from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, Ten
 from ..memory import PeakRssSampler
 from ..quantization.recipe import PRECISIONS as RECIPE_PRECISIONS
 from ..quantization.recipe import Recipe
+from ..runtime.attention_sink import SINK_FILE
 from .cpu_graph import CpuGraphOptions, build_cpu_part_graph
 from .encodings_file import EncodingsFile
 from .graph import Graph, WeightFile
@@ -256,7 +257,7 @@ def _quantization(checkpoint: Checkpoint, options: ExportOptions, recipe: Recipe
     info = {"quantization": {"recipe": quantized.recipe.to_dict(), "description": quantized.recipe.describe(),
                              "quantized_checkpoint": str(Path(folder).resolve()),
                              "calibration": quantized.calibration}}
-    return GraphQuantization(quantized.weights, activations), info, Path(folder)
+    return GraphQuantization(quantized.weights, activations, quantized.attention_sink), info, Path(folder)
 
 
 def memory_estimate(checkpoint: Checkpoint, options: ExportOptions, recipe: Recipe | None) -> MemoryEstimate:
@@ -331,12 +332,16 @@ def _export_parts(checkpoint: Checkpoint, out: Path, options: ExportOptions, par
                     done[part.index] = _export_part(checkpoint, staging, part, options, bar, quantization)
                     _record_progress(staging, key, done)
         checkpoint.tokenizer.save(str(staging / "tokenizer.json"))
+        sink = quantization.attention_sink if quantization is not None else None
+        if sink is not None:
+            sink.save(staging / SINK_FILE)
         manifest = Manifest(
             model_name=checkpoint.name, source=str(checkpoint.path), config=checkpoint.config,
             special_tokens=checkpoint.special_tokens, chat_template=checkpoint.chat_template,
             precision=options.precision, target=options.target, use_conv=options.use_conv,
             sequence_length=options.sequence_length, context_length=options.context_length,
             all_logits=options.all_logits, parts=tuple(done[p.index] for p in parts), extra=target_extra | extra(),
+            attention_sink_file=SINK_FILE if sink is not None else None,
         )
         manifest.save(staging)
         (staging / PROGRESS_FILE).unlink()

@@ -18,6 +18,7 @@ from ..config import LlamaConfig
 from ..loading import TensorSource
 from ..quantization.encodings import ActivationEncoding
 from ..quantization.quantizers import QuantizedWeight
+from ..runtime.attention_sink import AttentionSink
 from .graph import Graph, Int4
 
 F32 = np.float32
@@ -39,6 +40,7 @@ class GraphQuantization:
 
     weights: Mapping[str, QuantizedWeight] = field(default_factory=dict)
     activations: Mapping[str, ActivationEncoding] = field(default_factory=dict)
+    attention_sink: AttentionSink | None = None  # shipped beside the graphs, never run by them
 
 
 @dataclass(frozen=True)

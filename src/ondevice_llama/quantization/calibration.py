@@ -281,28 +281,81 @@ def file_sequences(checkpoint: Checkpoint, path: Path, length: int, count: int) 
     return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:count]
 
 
-def pack_sequences(sequences: list[list[int]], length: int) -> torch.Tensor:
-    """Concatenate and cut into equal rows of `length` tokens, so calibration runs as one batch."""
+def pack_sequences(sequences: list[list[int]], length: int, first_token: int | None = None) -> torch.Tensor:
+    """Concatenate and cut into equal rows of `length` tokens, so calibration runs as one batch.
+
+    With `first_token` (an attention sink), every row starts with it, as every sequence does in use.
+    """
     flat = [t for s in sequences for t in s]
-    rows = max(1, len(flat) // length)
-    flat = (flat * (rows * length // max(len(flat), 1) + 1))[:rows * length]
-    return torch.tensor(flat, dtype=torch.long).view(rows, length)
+    if first_token is None:
+        rows = max(1, len(flat) // length)
+        flat = (flat * (rows * length // max(len(flat), 1) + 1))[:rows * length]
+        return torch.tensor(flat, dtype=torch.long).view(rows, length)
+    packed, i = [], 0
+    while i < len(flat) or not packed:
+        i += i < len(flat) and flat[i] == first_token  # a text that starts with it: not twice in a row
+        body = flat[i:i + length - 1]
+        i += length - 1
+        if len(body) < length - 1 and packed:
+            break
+        packed.append([first_token, *(body * length)[:length - 1]])
+    return torch.tensor(packed, dtype=torch.long)
+
+
+def later_positions(x: torch.Tensor) -> torch.Tensor:
+    """`x` without sequence position 0, for every tap layout: [positions, vocab] logits,
+    [batch, positions, channels] hidden states, [batch, heads, positions, ...] attention tensors."""
+    return x[1:] if x.ndim == 2 else x[:, 1:] if x.ndim == 3 else x[:, :, 1:]
+
+
+OUTLIER_FRACTION = 1e-5  # of an activation's calibration values, left out at each end of its range
+_KEPT_EXTREMES = 512  # candidates kept per end; the range drops at most this many values
+
+
+def _largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest of a flat tensor, descending. Chunk maxima bound the k-th largest from below, so only
+    values above that bound go through topk (a full topk over attention scores takes a second)."""
+    if values.numel() > 64 * k:
+        chunk_maxima = values[: values.numel() // 4096 * 4096].view(-1, 4096).amax(dim=1)
+        if chunk_maxima.numel() >= k:
+            bound = torch.topk(chunk_maxima, k).values[-1]
+            values = values[values >= bound]
+    return torch.topk(values, min(k, values.numel())).values
 
 
 class RangeObserver:
-    """A tap that records each activation's running min and max (masked attention scores left out)."""
+    """A tap that records each activation's range over the calibration data (masked attention scores left
+    out), less its most extreme `OUTLIER_FRACTION` at each end: a single token with massive activations
+    (a second attention sink) would otherwise set a step that every other token pays for.
 
-    def __init__(self):
-        self.ranges: dict[str, tuple[float, float]] = {}
+    skip_first: leave sequence position 0 out (the attention sink, which quantized graphs never run).
+    """
+
+    def __init__(self, skip_first: bool = False):
+        self.skip_first = skip_first
+        self._top: dict[str, torch.Tensor] = {}  # largest values seen, descending
+        self._bottom: dict[str, torch.Tensor] = {}  # negated smallest values, descending
+        self._count: dict[str, int] = {}
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        values = x.detach()
+        values = (later_positions(x.detach()) if self.skip_first else x.detach()).reshape(-1).float()
         if name.endswith(".scores"):
             values = values[values > MASK_VALUE / 2]
-        lo, hi = float(values.min()), float(values.max())
-        old = self.ranges.get(name)
-        self.ranges[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        for kept, new in ((self._top, values), (self._bottom, -values)):
+            if name in kept:
+                new = torch.cat([kept[name], _largest(new, _KEPT_EXTREMES)])
+            kept[name] = _largest(new, _KEPT_EXTREMES)
+        self._count[name] = self._count.get(name, 0) + values.numel()
         return x
+
+    @property
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        ranges = {}
+        for name, count in self._count.items():
+            top, bottom = self._top[name], self._bottom[name]
+            drop = min(int(count * OUTLIER_FRACTION), len(top) - 1, len(bottom) - 1)
+            ranges[name] = (-float(bottom[drop]), float(top[drop]))
+        return ranges
 
 
 SCORE_FLOOR = 20.0  # masked scores clamp this far below the largest: exp(-20) is negligible
@@ -328,14 +381,25 @@ def fake_quant(x: torch.Tensor, encoding: ActivationEncoding) -> torch.Tensor:
 
 
 class FakeQuantTap:
-    """A tap that fake-quantizes every activation that has an encoding."""
+    """A tap that fake-quantizes every activation that has an encoding.
 
-    def __init__(self, encodings: dict[str, ActivationEncoding]):
+    float_first: keep sequence position 0 (the attention sink) in float; for forwards over whole
+    sequences, which start at position 0.
+    """
+
+    def __init__(self, encodings: dict[str, ActivationEncoding], float_first: bool = False):
         self.encodings = encodings
+        self.float_first = float_first
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
         encoding = self.encodings.get(name)
-        return x if encoding is None else fake_quant(x, encoding)
+        if encoding is None:
+            return x
+        quantized = fake_quant(x, encoding)
+        if self.float_first:
+            first = x[:1] if x.ndim == 2 else x[:, :1] if x.ndim == 3 else x[:, :, :1]
+            quantized = torch.cat([first, later_positions(quantized)], dim=max(0, x.ndim - 2))
+        return quantized
 
 
 def sqnr_db(reference: np.ndarray | torch.Tensor, approximation: np.ndarray | torch.Tensor) -> float:

@@ -52,9 +52,15 @@ def calibration_batch(checkpoint: Checkpoint, calibration_file: Path | None = No
     else:
         sequences = file_sequences(checkpoint, calibration_file, CALIBRATION_LENGTH, CALIBRATION_FILE_ROWS)
         source = str(Path(calibration_file).resolve())
-    batch = pack_sequences(sequences, CALIBRATION_LENGTH)
+    sink = attention_sink_token(checkpoint)
+    batch = pack_sequences(sequences, CALIBRATION_LENGTH, first_token=sink)
     return batch, {"source": source, "rows": batch.shape[0], "length": batch.shape[1],
-                   "tokens": sum(len(s) for s in sequences)}
+                   "tokens": sum(len(s) for s in sequences), "attention_sink_token": sink}
+
+
+def attention_sink_token(checkpoint: Checkpoint) -> int | None:
+    """The token every quantized sequence starts with (runtime.attention_sink): the model's BOS, if it has one."""
+    return checkpoint.special_tokens.bos_id
 
 
 def quantized_cache_folder(checkpoint: Checkpoint, recipe: Recipe, calibration_file: Path | None) -> Path:
@@ -79,7 +85,8 @@ def prepare_quantized(checkpoint: Checkpoint, recipe: Recipe, calibration_file: 
     if progress:
         print(f"quantizing {checkpoint.name} ({recipe.describe()}) on {info['tokens']} calibration tokens "
               f"({info['source']}) into {folder}", file=sys.stderr)
-    return quantize_model(checkpoint, recipe, calibration, progress, out=folder, calibration_info=info), folder
+    return quantize_model(checkpoint, recipe, calibration, progress, out=folder, calibration_info=info,
+                          sink_token=info["attention_sink_token"]), folder
 
 
 def load_quantized(folder: Path, checkpoint: Checkpoint) -> QuantizedModel:

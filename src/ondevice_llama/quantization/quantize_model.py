@@ -24,14 +24,15 @@ from ..loading import Checkpoint, TensorSource
 from ..loading.names import LAYER_TENSORS
 from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
 from ..model.reference import Block, rms_norm, rope_cos_sin
-from .calibration import RangeObserver, encodings_from_ranges
+from ..runtime.attention_sink import SINK_FILE, AttentionSink
+from .calibration import RangeObserver, encodings_from_ranges, later_positions
 from .encodings import ActivationEncoding
 from .gptq import gptq_quantize
 from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight, unpack_int4
 from .recipe import Recipe
 
 QUANTIZED_FORMAT = "ondevice-llama-quantized"
-QUANTIZED_VERSION = 2
+QUANTIZED_VERSION = 3  # 3: the attention sink
 PROJECTIONS = LAYER_TENSORS[1:5] + LAYER_TENSORS[6:]  # q k v o gate up down
 # Projections that read the same input share one Hessian.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -93,6 +94,7 @@ class QuantizedModel:
     activations: dict[str, ActivationEncoding]
     calibration: dict = field(default_factory=dict)  # what the encodings were calibrated on
     source: str = ""  # the float checkpoint it was quantized from
+    attention_sink: AttentionSink | None = None  # position 0 of every sequence, in float (runtime.attention_sink)
 
     def dequantized(self, name: str) -> np.ndarray:
         q = self.weights[name]
@@ -105,6 +107,8 @@ class QuantizedModel:
         tmp = make_staging_folder(folder)
         index = _write_weights(tmp, "weights.safetensors", dict(self.weights))
         _write_meta(tmp, self, index)
+        if self.attention_sink is not None:
+            self.attention_sink.save(tmp / SINK_FILE)
         replace_folder(tmp, folder)
         return folder
 
@@ -114,9 +118,10 @@ class QuantizedModel:
         meta = read_versioned_json(folder / "quantization.json", QUANTIZED_FORMAT, QUANTIZED_VERSION,
                                    "quantized checkpoint")
         activations = {n: ActivationEncoding.from_dict(e) for n, e in meta["activations"].items()}
+        sink = AttentionSink.load(folder / SINK_FILE) if (folder / SINK_FILE).exists() else None
         return cls(LlamaConfig.from_dict(meta["config"]), Recipe.from_dict(meta["recipe"]),
                    QuantizedWeights(folder, meta["weights"]), activations, meta.get("calibration", {}),
-                   meta.get("source", ""))
+                   meta.get("source", ""), sink)
 
 
 def _write_meta(folder: Path, model: QuantizedModel, index: dict[str, dict]) -> None:
@@ -164,13 +169,15 @@ def _load_block(config: LlamaConfig, tensors: TensorSource, layer: int, weights=
     return block.eval()
 
 
-def _hessians(block: Block, hidden: torch.Tensor, cos, sin, mask) -> dict[str, torch.Tensor]:
-    """Sum of x^T x over every calibration position, for each distinct projection input."""
+def _hessians(block: Block, hidden: torch.Tensor, cos, sin, mask, skip_first: bool) -> dict[str, torch.Tensor]:
+    """Sum of x^T x over every calibration position (but the sink's, with `skip_first`), for each distinct
+    projection input."""
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(key: str):
         def hook(_module, args) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            x = later_positions(args[0]) if skip_first else args[0]
+            x = x.reshape(-1, x.shape[-1]).float()
             for chunk in x.split(2048):  # fp32 products (fast), summed in fp64
                 sums[key] = sums.get(key, 0) + (chunk.T @ chunk).double()
         return hook
@@ -182,6 +189,31 @@ def _hessians(block: Block, hidden: torch.Tensor, cos, sin, mask) -> dict[str, t
     for hook in hooks:
         hook.remove()
     return sums
+
+
+class _SinkRecorder:
+    """A tap that passes everything to `observer` and keeps position 0 of the first calibration row: the
+    attention sink's keys (after RoPE, the identity there), values and logits, with float activations."""
+
+    def __init__(self, observer: RangeObserver):
+        self.observer = observer
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name.endswith(".k_rope"):  # [rows, kv_heads, positions, head_dim]
+            self.keys.append(x[0, :, 0].clone())
+        elif name.endswith(".v"):  # [rows, positions, kv_heads * head_dim]
+            self.values.append(x[0, 0].clone())
+        elif name == "logits" and self.logits is None:  # [positions, vocab] of the first row
+            self.logits = x[0].clone()
+        return self.observer(name, x)
+
+    def sink(self, config: LlamaConfig, token: int) -> AttentionSink:
+        shape = (config.num_layers, config.num_kv_heads, config.head_dim)
+        return AttentionSink(token, torch.stack(self.keys).reshape(shape).numpy(),
+                             torch.stack(self.values).reshape(shape).numpy(), self.logits.numpy())
 
 
 class _WeightSink:
@@ -207,8 +239,12 @@ def _dequantized(q: QuantizedWeight) -> torch.Tensor:
 
 
 def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Tensor, progress: bool = True,
-                   out: Path | str | None = None, calibration_info: dict | None = None) -> QuantizedModel:
+                   out: Path | str | None = None, calibration_info: dict | None = None,
+                   sink_token: int | None = None) -> QuantizedModel:
     """calibration: [rows, length] token ids (see calibration.pack_sequences).
+
+    With `sink_token`, every calibration row starts with it: position 0 is left out of the activation
+    encodings and the Hessians, and its float K/V and logits become the model's attention sink.
 
     With `out`, each layer's weights are written there as soon as they are quantized (so memory holds one
     layer, whatever the model size) and the folder becomes a quantized checkpoint that `QuantizedModel.load`
@@ -222,7 +258,10 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
         tmp = make_staging_folder(out)
     try:
         sink = _WeightSink(tmp)
-        observer = RangeObserver()
+        if sink_token is not None and not bool((calibration[:, 0] == sink_token).all()):
+            raise ValueError(f"every calibration row must start with the attention sink token {sink_token}")
+        observer = RangeObserver(skip_first=sink_token is not None)
+        recorder = _SinkRecorder(observer)
         embed_q = quantize_weight(tensors.get("embed_tokens"), recipe.bits_for("embed_tokens"), recipe.block_size)
         embed = _dequantized(embed_q)
         hidden = observer("embed", embed[calibration])
@@ -234,7 +273,7 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
                           disable=not progress, dynamic_ncols=True):
             hessians = {}
             if recipe.algorithm == "gptq":  # float layer inputs; the float block is freed right after
-                hessians = _hessians(_load_block(c, tensors, layer), hidden, cos, sin, mask)
+                hessians = _hessians(_load_block(c, tensors, layer), hidden, cos, sin, mask, sink_token is not None)
             layer_weights = {}
             for proj in PROJECTIONS:
                 name = f"layers.{layer}.{proj}"
@@ -244,7 +283,7 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
             block = _load_block(c, tensors, layer, {n: _dequantized(q).numpy() for n, q in layer_weights.items()})
             sink.add(f"layer_{layer:03d}.safetensors", layer_weights)
             del layer_weights
-            block.set_tap(observer, f"layers.{layer}.")
+            block.set_tap(recorder, f"layers.{layer}.")
             with torch.no_grad():
                 hidden = block(hidden, cos, sin, mask, None)
             del block
@@ -260,14 +299,17 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
             head = _dequantized(head_weights["lm_head"])
         with torch.no_grad():
             for row in normed:  # one row at a time: all rows' logits at once can take gigabytes
-                observer("logits", row @ head.T)
+                recorder("logits", row @ head.T)
         sink.add("head.safetensors", head_weights)
         encodings = encodings_from_ranges(observer.ranges, recipe.activation_bits_for)
         info = calibration_info or {"rows": int(calibration.shape[0]), "length": int(calibration.shape[1])}
-        model = QuantizedModel(c, recipe, sink.mapping(), encodings, info, str(checkpoint.path))
+        model = QuantizedModel(c, recipe, sink.mapping(), encodings, info, str(checkpoint.path),
+                               None if sink_token is None else recorder.sink(c, sink_token))
         if tmp is None:
             return model
         _write_meta(tmp, model, sink.index)
+        if model.attention_sink is not None:
+            model.attention_sink.save(tmp / SINK_FILE)
         replace_folder(tmp, out)
     except BaseException:
         if tmp is not None:

@@ -15,6 +15,7 @@ from ..adapt import layout
 from ..adapt.mask import chunk_mask
 from ..adapt.rope import rope_tables
 from ..manifest import GraphManifest, Manifest, load_manifest
+from .attention_sink import AttentionSink
 from .cpu_engine import CpuEngine
 from .kv_cache import KVCache
 
@@ -48,6 +49,14 @@ class ExportedModel:
         engine = CpuEngine if self.manifest.target == "cpu" else NpuEngine
         self.engine = engine(self.folder, self.manifest, session_options(threads),
                              providers or ["CPUExecutionProvider"])
+        sink_file = self.manifest.attention_sink_file
+        self.attention_sink = AttentionSink.load(self.folder / sink_file) if sink_file else None
+        # Tokens every cache starts with: the attention sink's, precomputed (empty without one).
+        self.prefix: list[int] = [self.attention_sink.token] if self.attention_sink else []
+
+    def with_prefix(self, tokens: list[int]) -> list[int]:
+        """`tokens` as this model runs them: after the attention sink's token, when it has one."""
+        return self.attention_sink.with_sink(tokens) if self.attention_sink else list(tokens)
 
     @property
     def context_length(self) -> int:
@@ -58,7 +67,14 @@ class ExportedModel:
         return self.manifest.sequence_length
 
     def new_cache(self):
-        return self.engine.new_cache()
+        """An empty cache, or one holding the attention sink's K/V at position 0."""
+        cache = self.engine.new_cache()
+        sink = self.attention_sink
+        if sink is not None:
+            for layer in range(self.config.num_layers):
+                cache.write(layer, sink.keys[layer][:, :, None], sink.values[layer][:, None, :], 1)
+            cache.advance(1)
+        return cache
 
     def prefill(self, tokens: list[int], cache) -> np.ndarray:
         """Process a prompt after what `cache` holds; returns the last token's logits [vocab]."""
@@ -73,9 +89,13 @@ class ExportedModel:
         """Logits of every position of `tokens` from a fresh cache ([len, vocab]); needs an --all-logits export."""
         if not self.manifest.all_logits:
             raise ValueError(f"{self.folder}: exported without --all-logits; export again with it to evaluate")
-        if len(tokens) > self.context_length:
-            raise ContextFullError(f"{len(tokens)} tokens exceed the context length {self.context_length}")
-        return self.engine.all_logits(tokens, self.new_cache())
+        ids = self.with_prefix(tokens)
+        if len(ids) > self.context_length:
+            raise ContextFullError(f"{len(ids)} tokens exceed the context length {self.context_length}")
+        rows = [self.attention_sink.logits[None]] if self.attention_sink else []
+        if len(ids) > len(self.prefix):
+            rows.append(self.engine.all_logits(ids[len(self.prefix):], self.new_cache()))
+        return np.concatenate(rows)[len(ids) - len(tokens):]
 
     def decode(self, token: int, cache) -> np.ndarray:
         """One token through the token generator; returns its logits [vocab]."""
@@ -167,10 +187,12 @@ class NpuEngine:
         return self.run_graphs(TOKEN_GENERATOR, tokens, cache)
 
     def all_logits(self, tokens: list[int], cache: KVCache) -> np.ndarray:
-        """Every position's logits: prompt-processor chunks of N, the left padding of the last one dropped."""
+        """Every position's logits: prompt-processor chunks ending at multiples of N (so that the last one
+        of a full context still finds its past within the graph's C - N slots), left padding dropped."""
         n = self.sequence_length
-        pieces = []
-        for i in range(0, len(tokens), n):
-            chunk = tokens[i:i + n]
+        pieces, i = [], 0
+        while i < len(tokens):
+            chunk = tokens[i:i + n - cache.length % n]
             pieces.append(self.run_graphs(PROMPT_PROCESSOR, chunk, cache)[n - len(chunk):])
+            i += len(chunk)
         return np.concatenate(pieces)

@@ -53,15 +53,21 @@ class Generator:
     def __init__(self, model: ExportedModel):
         self.model = model
         self.cache: KVCache = model.new_cache()
-        self.history: list[int] = []  # the tokens whose K/V the cache holds, in order (one per position)
+        # The tokens whose K/V the cache holds, in order (one per position); the model's prefix (the
+        # attention sink) is always there.
+        self.history: list[int] = list(model.prefix)
 
     def reset(self) -> None:
-        self.cache.truncate(0)
-        self.history = []
+        self.cache.truncate(len(self.model.prefix))
+        self.history = list(self.model.prefix)
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
         """Reuse the cached prefix of `prompt` and process the rest (at least one token, for logits)."""
-        keep = min(common_prefix(self.history, prompt), len(prompt) - 1, self.cache.length)
+        prompt, fixed = self.model.with_prefix(prompt), len(self.model.prefix)
+        if len(prompt) == fixed:  # the attention sink alone: its logits were precomputed
+            self.reset()
+            return self.model.attention_sink.logits
+        keep = max(fixed, min(common_prefix(self.history, prompt), len(prompt) - 1, self.cache.length))
         self.cache.truncate(keep)
         self.history = prompt[:keep]
         logits = self.model.prefill(prompt[keep:], self.cache)
@@ -69,8 +75,9 @@ class Generator:
         return logits
 
     def _slide(self, tokens: list[int]) -> np.ndarray:
-        """Keep the newest half of the context and recompute its cache (positions are baked into keys)."""
-        keep = tokens[-(self.model.context_length // 2):]
+        """Keep the newest half of the context (after the attention sink) and recompute its cache (positions
+        are baked into keys)."""
+        keep = self.model.with_prefix(tokens[-(self.model.context_length // 2):])
         self.reset()
         return self._prefill(keep)
 
@@ -79,6 +86,7 @@ class Generator:
                  slide: bool = False) -> GenerationResult:
         if not prompt:
             raise ValueError("the prompt is empty")
+        prompt = self.model.with_prefix(prompt)
         context = self.model.context_length
         if len(prompt) >= context and not slide:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context length is {context}")
