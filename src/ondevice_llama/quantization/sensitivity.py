@@ -199,13 +199,13 @@ class _LayerForward:
         return f["x1"] + F.linear(F.silu(gate) * up, self.weights["down_proj"]), y
 
 
-def _hessians(layer: _LayerForward, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sum of x^T x over every calibration position, for each distinct projection input (GPTQ)."""
+def _hessians(layer: _LayerForward, hidden: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
+    """Sum of x^T x over every calibration position from `first` on, for each distinct projection input (GPTQ)."""
     sums: dict[str, torch.Tensor] = {}
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         f = layer.float(hidden[start:start + CHUNK_ROWS])
         for key in set(SHARED_INPUT.values()):
-            x = f[key].reshape(-1, f[key].shape[-1]).double()
+            x = f[key][:, first:].reshape(-1, f[key].shape[-1]).double()
             sums[key] = sums.get(key, 0) + x.T @ x
     return sums
 
@@ -243,12 +243,13 @@ def _measure_heads(checkpoint: Checkpoint, recipe: Recipe, tokens: torch.Tensor,
 
 def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block_size: int | None = DEFAULT_BLOCK_SIZE,
                         algorithm: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                        calibration_info: dict | None = None, heads: bool = True, progress: bool = True
-                        ) -> SensitivityReport:
+                        calibration_info: dict | None = None, heads: bool = True, progress: bool = True,
+                        sink_token: int | None = None) -> SensitivityReport:
     """4-bit sensitivity of every (layer, projection); calibration: [rows, length] token ids.
 
     algorithm None: the recipe's default. `max_tokens` (0: all) bounds the calibration tokens measured on;
-    with GPTQ, the Hessians come from the same tokens.
+    with GPTQ, the Hessians come from the same tokens. With `sink_token` (every row starts with it),
+    position 0 is not measured: quantized exports never run it (runtime.attention_sink).
     """
     start_time = time.perf_counter()
     check_block_size(checkpoint, block_size)
@@ -257,6 +258,7 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
     c, tensors = checkpoint.config, checkpoint.tensors
     tokens = select_rows(calibration, max_tokens)
     length = tokens.shape[1]
+    skip = int(sink_token is not None)  # the first measured position
     cos, sin = rope_cos_sin(c, torch.arange(length))
     embed = torch.from_numpy(np.asarray(tensors.get("embed_tokens"), np.float32))
     hidden = embed[tokens]
@@ -267,7 +269,7 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
     with torch.no_grad():
         for layer in bar:
             forward = _LayerForward(_load_block(c, tensors, layer), cos, sin)
-            hessians = _hessians(forward, hidden) if recipe.algorithm == "gptq" else {}
+            hessians = _hessians(forward, hidden, skip) if recipe.algorithm == "gptq" else {}
             quantized = {proj: _dequantized(_quantize_weight(forward.weights[proj].numpy(), BITS, recipe,
                                                              hessians.get(SHARED_INPUT[proj])))
                          for proj in PROJECTIONS}
@@ -278,12 +280,12 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
             for first in range(0, hidden.shape[0], CHUNK_ROWS):
                 f = forward.float(hidden[first:first + CHUNK_ROWS])
                 next_hidden[first:first + CHUNK_ROWS] = f["out"]
-                signal += _sum_squares(f["out"])
+                signal += _sum_squares(f["out"][:, skip:])
                 for proj in PROJECTIONS:
                     out, y = forward.with_weight(f, proj, quantized[proj])
-                    noise[proj] += _sum_squares(out - f["out"])
-                    proj_signal[proj] += _sum_squares(f[proj])
-                    proj_noise[proj] += _sum_squares(y - f[proj])
+                    noise[proj] += _sum_squares((out - f["out"])[:, skip:])
+                    proj_signal[proj] += _sum_squares(f[proj][:, skip:])
+                    proj_noise[proj] += _sum_squares((y - f[proj])[:, skip:])
                 del f
             for proj in PROJECTIONS:
                 piece = Piece(layer, proj, tuple(forward.weights[proj].shape), _sqnr(signal, noise[proj]),
@@ -295,7 +297,7 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
             hidden = next_hidden
             del forward, quantized
     bar.close()
-    head_results = _measure_heads(checkpoint, recipe, tokens, embed, hidden) if heads else []
+    head_results = _measure_heads(checkpoint, recipe, tokens[:, skip:], embed, hidden[:, skip:]) if heads else []
     info = dict(calibration_info or {}) | {"rows_measured": int(tokens.shape[0]),
                                            "tokens_measured": int(tokens.numel())}
     return SensitivityReport(checkpoint.name, str(checkpoint.path), c.num_layers, recipe, info, pieces, head_results,
@@ -444,7 +446,7 @@ def run_analyze(args) -> int:
     check_block_size(checkpoint, block_size)
     calibration, info = calibration_batch(checkpoint, args.calibration_file)
     report = analyze_sensitivity(checkpoint, calibration, block_size, args.algorithm, args.max_tokens, info,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, sink_token=info["attention_sink_token"])
     recipe = sensitivity_recipe(report, args.budget)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     recipe.save(args.out)
