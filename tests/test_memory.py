@@ -96,3 +96,25 @@ def test_reading_a_gguf_does_not_keep_it_resident(default_path):
     grown = _file_backed_rss_bytes() - before
     assert total > 100_000_000  # every weight was read
     assert grown < default_path.stat().st_size / 4, f"file-backed RSS grew {grown / MB:.0f} MB"
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux")
+def test_release_free_memory_returns_a_fragmented_heap():
+    """Freed arrays served from the heap stay resident until trimmed (glibc raises its mmap threshold after
+    a large block is freed); `release_free_memory` gives them back."""
+    import ctypes
+
+    try:
+        assert ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    big = np.ones(16 * MB // 8)
+    del big  # raises glibc's dynamic mmap threshold to 16 MB
+    arrays = [np.ones(MB // 8) for _ in range(100)]  # now served from the heap
+    keep = arrays[-1]  # holds the heap's top, so freeing the rest leaves a hole the heap cannot shrink past
+    del arrays
+    gc.collect()
+    before = current_rss_bytes()
+    memory.release_free_memory()
+    assert before - current_rss_bytes() > 50 * MB
+    assert keep.sum() == MB // 8

@@ -6,6 +6,7 @@ Stdlib only (psutil where /proc is missing), no torch, so any stage can import i
 - `total_bytes()`: physical memory (MemTotal).
 - `current_rss_bytes()`: this process's resident set now, file-backed mapped pages included.
 - `peak_rss_bytes()`: this process's peak resident set since it started (getrusage's ru_maxrss).
+- `release_free_memory()`: return freed heap pages to the system between the layers of long loops.
 - `PeakRssSampler`: the peak of one phase, even when the process peaked higher earlier:
 
       with PeakRssSampler() as sampler:
@@ -82,6 +83,22 @@ def peak_rss_bytes() -> int:
         return int(getattr(info, "peak_wset", info.rss))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    Freed tensors of tens of MB raise glibc's dynamic mmap threshold, so later ones come from the heap,
+    whose freed pages stay resident: quantizing the default model layer by layer grew RSS by 1.2 GB over
+    its 30 layers (peak 2.9 GB); trimmed after each layer, it stays flat (peak 1.7 GB).
+    """
+    if sys.platform != "linux":
+        return
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PeakRssSampler:

@@ -25,7 +25,7 @@ from ..config import LlamaConfig
 from ..files import fingerprint, replace_folder, sha256_file
 from ..loading import Checkpoint
 from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec
-from ..memory import PeakRssSampler
+from ..memory import PeakRssSampler, release_free_memory
 from ..quantization.recipe import PRECISIONS as RECIPE_PRECISIONS
 from ..quantization.recipe import Recipe
 from ..runtime.attention_sink import SINK_FILE
@@ -178,7 +178,11 @@ def _export_part(checkpoint: Checkpoint, folder: Path, part: PartSpec, options: 
     graphs = {}
     try:
         bar.set_description(f"part {number}/{options.num_parts}")
-        on_layer = lambda: bar.update(1)  # noqa: E731
+
+        def on_layer() -> None:
+            release_free_memory()  # each layer's weights were transient: keep RSS flat over the part
+            bar.update(1)
+
         built = _build_graphs(checkpoint, part, options, weights, on_layer, quantization, encodings)
         for kind, (file, graph) in built.items():
             onnx.save_model(graph.to_model(), folder / file)

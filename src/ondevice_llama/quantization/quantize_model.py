@@ -23,6 +23,7 @@ from ..files import make_staging_folder, read_versioned_json, replace_folder
 from ..loading import Checkpoint, TensorSource
 from ..loading.names import LAYER_TENSORS
 from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
+from ..memory import release_free_memory
 from ..model.reference import Block, rms_norm, rope_cos_sin
 from ..runtime.attention_sink import SINK_FILE, AttentionSink
 from .calibration import RangeObserver, encodings_from_ranges, later_positions
@@ -287,6 +288,7 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
             with torch.no_grad():
                 hidden = block(hidden, cos, sin, mask, None)
             del block
+            release_free_memory()
         normed = observer("norm", rms_norm(hidden, torch.from_numpy(tensors.get("norm")), c.rms_norm_eps))
         head_weights = {"embed_tokens": embed_q}
         if c.tie_word_embeddings:
