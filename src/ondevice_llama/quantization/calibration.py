@@ -302,6 +302,11 @@ def pack_sequences(sequences: list[list[int]], length: int, first_token: int | N
     return torch.tensor(packed, dtype=torch.long)
 
 
+def is_kv_tap(name: str) -> bool:
+    """Taps whose values the KV cache holds: RoPE'd keys and values."""
+    return name.endswith((".k_rope", ".v"))
+
+
 def later_positions(x: torch.Tensor) -> torch.Tensor:
     """`x` without sequence position 0, for every tap layout: [positions, vocab] logits,
     [batch, positions, channels] hidden states, [batch, heads, positions, ...] attention tensors."""
@@ -328,7 +333,8 @@ class RangeObserver:
     out), less its most extreme `OUTLIER_FRACTION` at each end: a single token with massive activations
     (a second attention sink) would otherwise set a step that every other token pays for.
 
-    skip_first: leave sequence position 0 out (the attention sink, which quantized graphs never run).
+    skip_first: leave sequence position 0 out (the attention sink, which quantized graphs never run), but
+    for the KV cache entries: the sink's keys and values sit in the same cache as every other position's.
     """
 
     def __init__(self, skip_first: bool = False):
@@ -338,7 +344,8 @@ class RangeObserver:
         self._count: dict[str, int] = {}
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        values = (later_positions(x.detach()) if self.skip_first else x.detach()).reshape(-1).float()
+        skip = self.skip_first and not is_kv_tap(name)
+        values = (later_positions(x.detach()) if skip else x.detach()).reshape(-1).float()
         if name.endswith(".scores"):
             values = values[values > MASK_VALUE / 2]
         for kept, new in ((self._top, values), (self._bottom, -values)):
@@ -383,7 +390,8 @@ def fake_quant(x: torch.Tensor, encoding: ActivationEncoding) -> torch.Tensor:
 class FakeQuantTap:
     """A tap that fake-quantizes every activation that has an encoding.
 
-    float_first: keep sequence position 0 (the attention sink) in float; for forwards over whole
+    float_first: keep sequence position 0 (the attention sink) in float, but for the KV cache entries
+    (quantized in the cache like every position's); for forwards over whole
     sequences, which start at position 0.
     """
 
@@ -396,7 +404,7 @@ class FakeQuantTap:
         if encoding is None:
             return x
         quantized = fake_quant(x, encoding)
-        if self.float_first:
+        if self.float_first and not is_kv_tap(name):
             first = x[:1] if x.ndim == 2 else x[:, :1] if x.ndim == 3 else x[:, :, :1]
             quantized = torch.cat([first, later_positions(quantized)], dim=max(0, x.ndim - 2))
         return quantized

@@ -26,7 +26,7 @@ from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
 from ..memory import release_free_memory
 from ..model.reference import Block, rms_norm, rope_cos_sin
 from ..runtime.attention_sink import SINK_FILE, AttentionSink
-from .calibration import RangeObserver, encodings_from_ranges, later_positions
+from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges, later_positions
 from .encodings import ActivationEncoding
 from .gptq import gptq_quantize
 from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight, unpack_int4
@@ -192,29 +192,39 @@ def _hessians(block: Block, hidden: torch.Tensor, cos, sin, mask, skip_first: bo
     return sums
 
 
-class _SinkRecorder:
-    """A tap that passes everything to `observer` and keeps position 0 of the first calibration row: the
-    attention sink's keys (after RoPE, the identity there), values and logits, with float activations."""
+class _SinkPass:
+    """Position 0 alone, carried layer by layer beside the calibration pass and computed as the simulated
+    model computes it (`FakeQuantTap(float_first=True)`): activations in float, but its keys and values
+    quantized with the layer's just-calibrated encodings, as the KV cache holds every entry."""
 
-    def __init__(self, observer: RangeObserver):
-        self.observer = observer
+    def __init__(self, config: LlamaConfig, token: int, embedding: torch.Tensor):
+        self.config, self.token = config, token
+        self.hidden = embedding[None, None]  # [1, 1, hidden]
+        self.rope = rope_cos_sin(config, torch.arange(1))
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.logits: torch.Tensor | None = None
 
-    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if name.endswith(".k_rope"):  # [rows, kv_heads, positions, head_dim]
-            self.keys.append(x[0, :, 0].clone())
-        elif name.endswith(".v"):  # [rows, positions, kv_heads * head_dim]
-            self.values.append(x[0, 0].clone())
-        elif name == "logits" and self.logits is None:  # [positions, vocab] of the first row
-            self.logits = x[0].clone()
-        return self.observer(name, x)
+    def run_layer(self, block: Block, layer: int, encodings: dict[str, ActivationEncoding]) -> None:
+        quantize = FakeQuantTap(encodings, float_first=True)
 
-    def sink(self, config: LlamaConfig, token: int) -> AttentionSink:
-        shape = (config.num_layers, config.num_kv_heads, config.head_dim)
-        return AttentionSink(token, torch.stack(self.keys).reshape(shape).numpy(),
-                             torch.stack(self.values).reshape(shape).numpy(), self.logits.numpy())
+        def tap(name: str, x: torch.Tensor) -> torch.Tensor:
+            y = quantize(name, x)
+            if name.endswith(".k_rope"):  # [1, kv_heads, 1, head_dim]
+                self.keys.append(y[0, :, 0])
+            elif name.endswith(".v"):  # [1, 1, kv_heads * head_dim]
+                self.values.append(y[0, 0])
+            return y
+
+        block.set_tap(tap, f"layers.{layer}.")
+        with torch.no_grad():
+            self.hidden = block(self.hidden, *self.rope, torch.zeros(1, 1), None)
+
+    def result(self, norm: torch.Tensor, head: torch.Tensor) -> AttentionSink:
+        c = self.config
+        shape = (c.num_layers, c.num_kv_heads, c.head_dim)
+        logits = rms_norm(self.hidden[0, 0], norm, c.rms_norm_eps) @ head.T
+        return AttentionSink(self.token, torch.stack(self.keys).reshape(shape).numpy(),
+                             torch.stack(self.values).reshape(shape).numpy(), logits.numpy())
 
 
 class _WeightSink:
@@ -245,7 +255,8 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
     """calibration: [rows, length] token ids (see calibration.pack_sequences).
 
     With `sink_token`, every calibration row starts with it: position 0 is left out of the activation
-    encodings and the Hessians, and its float K/V and logits become the model's attention sink.
+    encodings and the Hessians; computed alone, in float but for its K/V cache entries, it becomes the model's
+    attention sink.
 
     With `out`, each layer's weights are written there as soon as they are quantized (so memory holds one
     layer, whatever the model size) and the folder becomes a quantized checkpoint that `QuantizedModel.load`
@@ -258,13 +269,13 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_staging_folder(out)
     try:
-        sink = _WeightSink(tmp)
+        store = _WeightSink(tmp)
         if sink_token is not None and not bool((calibration[:, 0] == sink_token).all()):
             raise ValueError(f"every calibration row must start with the attention sink token {sink_token}")
         observer = RangeObserver(skip_first=sink_token is not None)
-        recorder = _SinkRecorder(observer)
         embed_q = quantize_weight(tensors.get("embed_tokens"), recipe.bits_for("embed_tokens"), recipe.block_size)
         embed = _dequantized(embed_q)
+        sink_pass = None if sink_token is None else _SinkPass(c, sink_token, embed[sink_token])
         hidden = observer("embed", embed[calibration])
         length = calibration.shape[1]
         cos, sin = rope_cos_sin(c, torch.arange(length))
@@ -282,11 +293,15 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
                 hessian = hessians.pop(key, None) if proj in _LAST_READER else hessians.get(key)
                 layer_weights[name] = _quantize_weight(tensors.get(name), recipe.bits_for(name), recipe, hessian)
             block = _load_block(c, tensors, layer, {n: _dequantized(q).numpy() for n, q in layer_weights.items()})
-            sink.add(f"layer_{layer:03d}.safetensors", layer_weights)
+            store.add(f"layer_{layer:03d}.safetensors", layer_weights)
             del layer_weights
-            block.set_tap(recorder, f"layers.{layer}.")
+            block.set_tap(observer, f"layers.{layer}.")
             with torch.no_grad():
                 hidden = block(hidden, cos, sin, mask, None)
+            if sink_pass is not None:  # this layer's encodings are final now
+                prefix = f"layers.{layer}."
+                layer_ranges = {n: r for n, r in observer.ranges.items() if n.startswith(prefix)}
+                sink_pass.run_layer(block, layer, encodings_from_ranges(layer_ranges, recipe.activation_bits_for))
             del block
             release_free_memory()
         normed = observer("norm", rms_norm(hidden, torch.from_numpy(tensors.get("norm")), c.rms_norm_eps))
@@ -301,15 +316,15 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
             head = _dequantized(head_weights["lm_head"])
         with torch.no_grad():
             for row in normed:  # one row at a time: all rows' logits at once can take gigabytes
-                recorder("logits", row @ head.T)
-        sink.add("head.safetensors", head_weights)
+                observer("logits", row @ head.T)
+        store.add("head.safetensors", head_weights)
         encodings = encodings_from_ranges(observer.ranges, recipe.activation_bits_for)
         info = calibration_info or {"rows": int(calibration.shape[0]), "length": int(calibration.shape[1])}
-        model = QuantizedModel(c, recipe, sink.mapping(), encodings, info, str(checkpoint.path),
-                               None if sink_token is None else recorder.sink(c, sink_token))
+        attention_sink = None if sink_pass is None else sink_pass.result(torch.from_numpy(tensors.get("norm")), head)
+        model = QuantizedModel(c, recipe, store.mapping(), encodings, info, str(checkpoint.path), attention_sink)
         if tmp is None:
             return model
-        _write_meta(tmp, model, sink.index)
+        _write_meta(tmp, model, store.index)
         if model.attention_sink is not None:
             model.attention_sink.save(tmp / SINK_FILE)
         replace_folder(tmp, out)
