@@ -161,3 +161,19 @@ def test_generation_after_the_attention_sink(tiny_checkpoints, tmp_path):
     for _ in range(12):
         tokens.append(int(np.argmax(simulated(tokens)[-1])))
     assert tokens[len(prompt):] == generated
+
+
+def test_a_broken_sink_file_is_named(tiny_checkpoints, tmp_path):
+    from ondevice_llama.runtime import ExportedModel
+
+    checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
+    _export(checkpoint, tmp_path / "e", precision="w8a16", num_parts=1)
+    sink = tmp_path / "e" / "attention_sink.npz"
+    with np.load(sink) as data:
+        arrays = dict(data)
+    np.savez(sink, **(arrays | {"keys": arrays["keys"][:-1]}))
+    with pytest.raises(ValueError, match="attention_sink.npz: keys"):
+        ExportedModel(tmp_path / "e")
+    sink.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="attention_sink.npz: not an attention sink file"):
+        ExportedModel(tmp_path / "e")

@@ -6,7 +6,8 @@ position exceeds a few hundred. A per-tensor 16-bit encoding that covers it has 
 coarse enough that float rounding noise flips whole steps and the quantized graph no longer follows its
 own simulation. Like PrefixQuant (Chen et al., 2024), quantized exports therefore never run position 0:
 every sequence starts with one fixed token (the model's BOS) whose keys, values and logits were computed
-at quantization time with float activations, and activation encodings are calibrated on the other positions.
+at quantization time with float activations (its keys and values then quantized like every KV cache entry),
+and activation encodings are calibrated on the other positions.
 
 Numpy only: the runtime loads it without torch.
 """
@@ -34,12 +35,16 @@ class AttentionSink:
                      values=self.values.astype(np.float32), logits=self.logits.astype(np.float32))
 
     @classmethod
-    def load(cls, path: Path) -> AttentionSink:
+    def load(cls, path: Path, shape: tuple[int, int, int] | None = None) -> AttentionSink:
+        """`shape`: the (layers, kv_heads, head_dim) the model needs, checked when given."""
         try:
             with np.load(path) as data:
-                return cls(int(data["token"]), data["keys"], data["values"], data["logits"])
+                sink = cls(int(data["token"]), data["keys"], data["values"], data["logits"])
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"{path}: not an attention sink file ({e})") from None
+        if shape is not None and not sink.keys.shape == sink.values.shape == tuple(shape):
+            raise ValueError(f"{path}: keys {sink.keys.shape} and values {sink.values.shape}, the model needs {shape}")
+        return sink
 
     def with_sink(self, tokens: list[int]) -> list[int]:
         """`tokens` as the model sees them: starting with the sink token."""

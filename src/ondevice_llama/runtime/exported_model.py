@@ -50,7 +50,9 @@ class ExportedModel:
         self.engine = engine(self.folder, self.manifest, session_options(threads),
                              providers or ["CPUExecutionProvider"])
         sink_file = self.manifest.attention_sink_file
-        self.attention_sink = AttentionSink.load(self.folder / sink_file) if sink_file else None
+        c = self.config
+        self.attention_sink = (AttentionSink.load(self.folder / sink_file, (c.num_layers, c.num_kv_heads, c.head_dim))
+                               if sink_file else None)
         # Tokens every cache starts with: the attention sink's, precomputed (empty without one).
         self.prefix: list[int] = [self.attention_sink.token] if self.attention_sink else []
 
