@@ -33,7 +33,7 @@ from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight,
 from .recipe import Recipe
 
 QUANTIZED_FORMAT = "ondevice-llama-quantized"
-QUANTIZED_VERSION = 3  # 3: the attention sink
+QUANTIZED_VERSION = 4  # 3: the attention sink; 4: its K/V quantized as cache entries
 PROJECTIONS = LAYER_TENSORS[1:5] + LAYER_TENSORS[6:]  # q k v o gate up down
 # Projections that read the same input share one Hessian.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
