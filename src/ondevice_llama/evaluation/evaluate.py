@@ -24,11 +24,14 @@ from .metrics import Sums, log_prob_sums, log_softmax
 LogitFn = Callable[[list[int]], np.ndarray]  # token ids of one window -> logits [len, vocab] float32
 
 
-def split_windows(tokens: list[int], window: int) -> list[list[int]]:
-    """Non-overlapping windows of `window` tokens; a last one shorter than 2 tokens is dropped."""
+def split_windows(tokens: list[int], window: int, bos: int | None = None) -> list[list[int]]:
+    """Non-overlapping windows of `window` tokens, each starting with `bos` when given; a last one shorter
+    than 2 tokens is dropped."""
     if window < 2:
         raise ValueError(f"the window must hold at least 2 tokens, got {window}")
-    windows = [list(tokens[i:i + window]) for i in range(0, len(tokens), window)]
+    prefix = [] if bos is None else [bos]
+    step = window - len(prefix)
+    windows = [prefix + list(tokens[i:i + step]) for i in range(0, len(tokens), step)]
     return [w for w in windows if len(w) >= 2]
 
 
@@ -107,12 +110,7 @@ def evaluate(sources: dict[str, LogitFn], tokens: list[int], window: int, refere
         raise ValueError("nothing to evaluate: no sources")
     if reference is not None and reference not in sources:
         raise ValueError(f"reference {reference!r} is not among the sources {sorted(sources)}")
-    if bos is None:
-        windows = split_windows(tokens, window)
-    elif window < 2:
-        raise ValueError(f"the window must hold at least 2 tokens, got {window}")
-    else:
-        windows = [[bos, *tokens[i:i + window - 1]] for i in range(0, len(tokens), window - 1)]
+    windows = split_windows(tokens, window, bos)
     if not windows:
         raise ValueError(f"{len(tokens)} token(s): at least 2 are needed to score anything")
     order = ([reference] if reference else []) + [name for name in sources if name != reference]

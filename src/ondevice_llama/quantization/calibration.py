@@ -307,10 +307,16 @@ def is_kv_tap(name: str) -> bool:
     return name.endswith((".k_rope", ".v"))
 
 
+def position_axis(x: torch.Tensor) -> int:
+    """The sequence axis of every tap layout: [positions, vocab] logits, [batch, positions, channels]
+    hidden states, [batch, heads, positions, ...] attention tensors."""
+    return min(x.ndim - 2, 2)
+
+
 def later_positions(x: torch.Tensor) -> torch.Tensor:
-    """`x` without sequence position 0, for every tap layout: [positions, vocab] logits,
-    [batch, positions, channels] hidden states, [batch, heads, positions, ...] attention tensors."""
-    return x[1:] if x.ndim == 2 else x[:, 1:] if x.ndim == 3 else x[:, :, 1:]
+    """`x` without sequence position 0."""
+    axis = position_axis(x)
+    return x.narrow(axis, 1, x.shape[axis] - 1)
 
 
 OUTLIER_FRACTION = 1e-5  # of an activation's calibration values, left out at each end of its range
@@ -405,8 +411,8 @@ class FakeQuantTap:
             return x
         quantized = fake_quant(x, encoding)
         if self.float_first and not is_kv_tap(name):
-            first = x[:1] if x.ndim == 2 else x[:, :1] if x.ndim == 3 else x[:, :, :1]
-            quantized = torch.cat([first, later_positions(quantized)], dim=max(0, x.ndim - 2))
+            axis = position_axis(x)
+            quantized = torch.cat([x.narrow(axis, 0, 1), later_positions(quantized)], dim=axis)
         return quantized
 
 

@@ -108,8 +108,6 @@ class QuantizedModel:
         tmp = make_staging_folder(folder)
         index = _write_weights(tmp, "weights.safetensors", dict(self.weights))
         _write_meta(tmp, self, index)
-        if self.attention_sink is not None:
-            self.attention_sink.save(tmp / SINK_FILE)
         replace_folder(tmp, folder)
         return folder
 
@@ -126,10 +124,13 @@ class QuantizedModel:
 
 
 def _write_meta(folder: Path, model: QuantizedModel, index: dict[str, dict]) -> None:
+    """Everything but the weight files: `quantization.json` and the attention sink, if any."""
     meta = {"format": QUANTIZED_FORMAT, "format_version": QUANTIZED_VERSION, "source": model.source,
             "config": model.config.to_dict(), "recipe": model.recipe.to_dict(), "calibration": model.calibration,
             "weights": index, "activations": {n: e.to_dict() for n, e in model.activations.items()}}
     (folder / "quantization.json").write_text(json.dumps(meta, indent=2))
+    if model.attention_sink is not None:
+        model.attention_sink.save(folder / SINK_FILE)
 
 
 class QuantizedSource:
@@ -325,8 +326,6 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
         if tmp is None:
             return model
         _write_meta(tmp, model, store.index)
-        if model.attention_sink is not None:
-            model.attention_sink.save(tmp / SINK_FILE)
         replace_folder(tmp, out)
     except BaseException:
         if tmp is not None:
