@@ -179,7 +179,7 @@ class Runner:
 
     def ttft(self, length: int) -> tuple[float, float]:
         """(prefill seconds, TTFT seconds) for `length` tokens from an empty cache."""
-        self.cache.truncate(len(self.model.prefix))  # the attention sink stays
+        self.model.reset_cache(self.cache)
         start = time.perf_counter()
         logits = self.model.prefill(self.tokens[:length], self.cache)
         prefilled = time.perf_counter()
@@ -188,7 +188,7 @@ class Runner:
 
     def decode(self, prompt: int, steps: int) -> float:
         """Tokens/s of `steps` greedy decode steps after a `prompt`-token prefill (0: from an empty cache)."""
-        self.cache.truncate(len(self.model.prefix))  # the attention sink stays
+        self.model.reset_cache(self.cache)
         token = self.tokens[0]
         if prompt:
             token = _argmax(self.model.prefill(self.tokens[:prompt], self.cache))
@@ -201,7 +201,7 @@ class Runner:
         """Per-part session seconds of one `prefill`-token prefill and of each of `steps` decode steps, with the
         wall time of each call last: {"prefill": [[part1, ..., wall]], "decode": [[part1, ..., wall], ...]}."""
         out: dict[str, list[list[float]]] = {"prefill": [], "decode": []}
-        self.cache.truncate(len(self.model.prefix))  # the attention sink stays
+        self.model.reset_cache(self.cache)
         with timed_parts(self.model.engine) as clock:
             start = time.perf_counter()
             token = _argmax(self.model.prefill(self.tokens[:prefill], self.cache))

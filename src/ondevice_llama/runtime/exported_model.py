@@ -78,6 +78,10 @@ class ExportedModel:
             cache.advance(1)
         return cache
 
+    def reset_cache(self, cache) -> None:
+        """Back to what `new_cache` gives: empty, or the attention sink alone."""
+        cache.truncate(len(self.prefix))
+
     def prefill(self, tokens: list[int], cache) -> np.ndarray:
         """Process a prompt after what `cache` holds; returns the last token's logits [vocab]."""
         if not tokens:

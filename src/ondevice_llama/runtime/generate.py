@@ -58,7 +58,7 @@ class Generator:
         self.history: list[int] = list(model.prefix)
 
     def reset(self) -> None:
-        self.cache.truncate(len(self.model.prefix))
+        self.model.reset_cache(self.cache)
         self.history = list(self.model.prefix)
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
