@@ -9,24 +9,103 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# Keys of Hugging Face's `rope_parameters` / `rope_scaling` that each rope type reads (others are refused).
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"),
+}
+_ROPE_COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling, as Hugging Face's `rope_scaling` describes it."""
+    """RoPE frequency scaling, as Hugging Face's `rope_parameters` (formerly `rope_scaling`) describes it."""
 
     rope_type: str = "default"
     factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3, yarn: the pretraining context
+    beta_fast: float = 32.0  # yarn: ramp bounds, in rotations
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # yarn: cos/sin scale; None derives it from factor (and mscale)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"unsupported rope scaling type {self.rope_type!r}; supported: {ROPE_TYPES}")
-        if self.factor <= 0:
+            raise ValueError(f"unsupported rope type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if not self.factor > 0:
             raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+        if self.rope_type in ("llama3", "yarn") and self.original_max_position_embeddings <= 0:
+            raise ValueError("rope original_max_position_embeddings must be positive, got "
+                             f"{self.original_max_position_embeddings}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(f"llama3 rope needs high_freq_factor > low_freq_factor > 0, got "
+                             f"{self.high_freq_factor} and {self.low_freq_factor}")
+
+
+def _number(data: dict[str, Any], key: str, kind: type, default: Any = None, where: str = "") -> Any:
+    """`data[key]` as an int or float, refusing null, strings, booleans and (for ints) fractions."""
+    value = data.get(key, default)
+    if value is None and default is None and key not in data:
+        raise ValueError(f"{where}{key} is missing")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}{key} must be a number, got {value!r}")
+    if kind is int:
+        if value != int(value):
+            raise ValueError(f"{where}{key} must be a whole number, got {value!r}")
+        return int(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{where}{key} must be finite, got {value!r}")
+    return float(value)
+
+
+def rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """(rope theta, scaling) from a config.json: transformers 5's `rope_parameters` or the older top-level
+    `rope_theta` with `rope_scaling`; an unknown rope type, or a key it would silently ignore, is refused."""
+    params = {}
+    for key in ("rope_scaling", "rope_parameters"):  # the newer form wins where both are given
+        value = hf.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{key} must be an object, got {value!r}")
+        params |= {k: v for k, v in (value or {}).items() if v is not None}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+    unknown = sorted(set(params) - set(_ROPE_COMMON_KEYS) - set(_ROPE_KEYS[rope_type]))
+    if unknown:
+        raise ValueError(f"rope type {rope_type!r} does not take {', '.join(unknown)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor {params['partial_rotary_factor']} is not supported (only 1.0)")
+    where = "rope_parameters."
+    theta = _number(params, "rope_theta", float, hf.get("rope_theta", 10000.0), where)
+    fields: dict[str, Any] = {"rope_type": rope_type}
+    if rope_type != "default":
+        factor = params.get("factor")
+        if factor is None and rope_type == "yarn" and "original_max_position_embeddings" in params:
+            # transformers 5: a yarn factor left out is the ratio of the two context lengths
+            factor = _number(hf, "max_position_embeddings", int) / _number(params, "original_max_position_embeddings",
+                                                                           int, where=where)
+        fields["factor"] = _number({"factor": factor}, "factor", float, where=where)
+    if rope_type in ("llama3", "yarn"):
+        original = params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
+        fields["original_max_position_embeddings"] = _number({"o": original}, "o", int, where=where)
+    for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale",
+                "mscale_all_dim"):
+        if key in params and key in _ROPE_KEYS[rope_type]:
+            fields[key] = _number(params, key, float, where=where)
+    if "truncate" in params:
+        if not isinstance(params["truncate"], bool):
+            raise ValueError(f"{where}truncate must be true or false, got {params['truncate']!r}")
+        fields["truncate"] = params["truncate"]
+    return theta, RopeScaling(**fields)
 
 
 @dataclass(frozen=True)
@@ -45,12 +124,16 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.head_dim <= 0:
+            raise ValueError(f"head_dim must be positive, got {self.head_dim}")
+        if not self.rms_norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"rms_norm_eps and rope_theta must be positive, got {self.rms_norm_eps} and "
+                             f"{self.rope_theta}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
@@ -82,30 +165,29 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
-        """Build from a Hugging Face `config.json` dictionary."""
-        scaling = hf.get("rope_scaling") or {}
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        rope = RopeScaling(
-            rope_type=rope_type,
-            factor=float(scaling.get("factor", 1.0)),
-            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
-        )
-        heads = int(hf["num_attention_heads"])
+        """Build from a Hugging Face `config.json` dictionary; a missing, null or mistyped field is a ValueError."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config must be a JSON object, got {type(hf).__name__}")
+        theta, rope = rope_from_hf(hf)
+        heads = _number(hf, "num_attention_heads", int)
+        kv_heads = hf.get("num_key_value_heads")
+        head_dim = hf.get("head_dim")
+        tied = hf.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ValueError(f"tie_word_embeddings must be true or false, got {tied!r}")
         return cls(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            vocab_size=_number(hf, "vocab_size", int),
+            hidden_size=_number(hf, "hidden_size", int),
+            intermediate_size=_number(hf, "intermediate_size", int),
+            num_layers=_number(hf, "num_hidden_layers", int),
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or 0),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            num_kv_heads=heads if kv_heads is None else _number(hf, "num_key_value_heads", int),
+            head_dim=0 if head_dim is None else _number(hf, "head_dim", int),
+            rms_norm_eps=_number(hf, "rms_norm_eps", float, 1e-6),
+            rope_theta=theta,
             rope_scaling=rope,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=_number(hf, "max_position_embeddings", int, 4096),
+            tie_word_embeddings=tied,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -130,14 +212,9 @@ class LlamaConfig:
             "torch_dtype": "float32",
         }
         rs = self.rope_scaling
-        if rs.rope_type == "linear":
-            hf["rope_scaling"] = {"rope_type": "linear", "factor": rs.factor}
-        elif rs.rope_type == "llama3":
-            hf["rope_scaling"] = {
-                "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-                "high_freq_factor": rs.high_freq_factor,
-                "original_max_position_embeddings": rs.original_max_position_embeddings,
-            }
+        if rs.rope_type != "default":
+            keys = ("rope_type", *_ROPE_KEYS[rs.rope_type])
+            hf["rope_scaling"] = {k: v for k, v in asdict(rs).items() if k in keys and v is not None}
         return hf
 
 

@@ -355,10 +355,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Two panels: TTFT vs prompt length; prefill tokens/s vs prompt length with decode tokens/s as a line."""
-    import matplotlib
+    from ..plotting import require_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require_pyplot()
 
     def series(spreads: dict[str, dict[str, float]], scale: float = 1.0):
         xs = [int(n) for n in spreads]
@@ -396,6 +395,10 @@ def run_bench(args) -> int:
     if args.repetitions < 1:
         raise ValueError(f"--repetitions must be at least 1, got {args.repetitions}")
     lengths = parse_lengths(args.prompt_lengths)
+    if args.plot:
+        from ..plotting import require_pyplot
+
+        require_pyplot()  # before measuring, not after
     model = ExportedModel(args.model, threads=args.threads)
     report = summarize(model, args.threads, args.repetitions,
                        measure(model, args.repetitions, lengths, progress=not args.quiet))

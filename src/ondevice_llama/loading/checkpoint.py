@@ -53,7 +53,11 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(config_path, f"invalid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(config_path, f"not a config object (the JSON is a {type(hf).__name__})")
     architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise CheckpointError(config_path, f"architectures must be a list, got {architectures!r}")
     if hf.get("model_type") != "llama" or not set(architectures) <= set(SUPPORTED_ARCHITECTURES):
         raise CheckpointError(config_path, f"not a Llama model (model_type={hf.get('model_type')!r}, "
                                            f"architectures={architectures})")
@@ -61,7 +65,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
         raise CheckpointError(config_path, "Llama variants with bias terms are not supported")
     try:
         config = LlamaConfig.from_hf(hf)
-    except (KeyError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(config_path, f"unusable config ({e})") from None
     tokenizer, special, template = tokenizer_from_hf_folder(folder)
     tensors = SafetensorsSource(folder)
@@ -84,9 +88,7 @@ def _gguf_config(reader, path: Path) -> LlamaConfig:
         heads = int(_field(reader, "llama.attention.head_count"))
         hidden = int(_field(reader, "llama.embedding_length"))
         vocab = _field(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-        scaling = _field(reader, "llama.rope.scaling.type", "none")
-        rope = RopeScaling() if scaling in ("none", None) else RopeScaling(
-            rope_type=scaling, factor=float(_field(reader, "llama.rope.scaling.factor", 1.0)))
+        rope = _gguf_rope(reader, path)
         tied = "output.weight" not in {t.name for t in reader.tensors}
         return LlamaConfig(
             vocab_size=int(vocab),
@@ -104,6 +106,23 @@ def _gguf_config(reader, path: Path) -> LlamaConfig:
         )
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(path, f"incomplete Llama metadata ({e})") from None
+
+
+def _gguf_rope(reader, path: Path) -> RopeScaling:
+    """GGUF's rope scaling keys (llama.cpp's names); a type or key we would ignore is refused."""
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling in ("none", None):
+        return RopeScaling()
+    if scaling not in ("linear", "yarn"):
+        raise CheckpointError(path, f"unsupported rope scaling type {scaling!r} (supported: none, linear, yarn)")
+    attn_factor = _field(reader, "llama.rope.scaling.attn_factor", 1.0)
+    if scaling == "yarn" and attn_factor != 1.0:
+        raise CheckpointError(path, f"yarn rope with attn_factor {attn_factor} is not supported")
+    factor = float(_field(reader, "llama.rope.scaling.factor", 1.0))
+    if scaling == "linear":
+        return RopeScaling("linear", factor=factor)
+    original = int(_field(reader, "llama.rope.scaling.original_context_length", 0))
+    return RopeScaling("yarn", factor=factor, original_max_position_embeddings=original)
 
 
 def _open_gguf(path: Path) -> Checkpoint:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapt.rope import inv_freq
+from ..adapt.rope import rope_tables
 from ..config import LlamaConfig
 from ..loading import Checkpoint, TensorSource
 from ..loading.names import LAYER_TENSORS
@@ -43,9 +43,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rope_cos_sin(config: LlamaConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
-    freqs = positions.float()[:, None] * torch.from_numpy(inv_freq(config))[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    """[T, head_dim] cos and sin: the graphs' tables (`adapt.rope`), frequencies repeated for both halves."""
+    cos, sin = (torch.from_numpy(t[0]) for t in rope_tables(config, positions.numpy()))
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
 
 
 def repeat_kv(x: Tensor, group_size: int) -> Tensor:

@@ -391,10 +391,9 @@ def format_table(report: SensitivityReport, overrides: dict[str, int] | None = N
 
 def plot_heatmap(report: SensitivityReport, path: Path, overrides: dict[str, int] | None = None) -> None:
     """Layers x projections heatmap of the SQNR; pieces kept at 8 bits are outlined."""
-    import matplotlib
+    from ..plotting import require_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require_pyplot()
     from matplotlib.patches import Rectangle
 
     overrides = overrides or {}
@@ -442,6 +441,10 @@ def run_analyze(args) -> int:
     for option, path in (("--out", args.out), ("--json", args.json), ("--plot", args.plot)):
         if path is not None and Path(path).is_dir():
             raise ValueError(f"{path}: is a folder; {option} takes a file name")
+    if args.plot is not None:
+        from ..plotting import require_pyplot
+
+        require_pyplot()  # before measuring, not after
     checkpoint = open_checkpoint(args.checkpoint)
     check_block_size(checkpoint, block_size)
     calibration, info = calibration_batch(checkpoint, args.calibration_file)
