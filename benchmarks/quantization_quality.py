@@ -131,10 +131,9 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    from ondevice_llama.plotting import require_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require_pyplot()
 
     names = [r["name"] for r in results]
     colors = ["tab:gray" if n == "float" else "tab:blue" if "GPTQ" in n else "tab:orange" for n in names]

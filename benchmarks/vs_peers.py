@@ -213,10 +213,9 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from ondevice_llama.plotting import require_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require_pyplot()
 
     engines = list(report["engines"])
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:gray"]
