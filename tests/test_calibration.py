@@ -21,7 +21,7 @@ from ondevice_llama.quantization.calibration import (
     pack_sequences,
     seed_prompt_ids,
 )
-from ondevice_llama.quantization.encodings import ActivationEncoding
+from ondevice_llama.quantization.encodings import ActivationEncoding, is_kv_tap
 from ondevice_llama.quantization.quantize_model import QuantizedSource, quantize_model
 from ondevice_llama.quantization.recipe import Recipe
 
@@ -137,7 +137,7 @@ def test_recorded_sink_is_position_zero_of_the_simulated_model(tiny_checkpoints)
 
     def tap(name, x):
         out = FakeQuantTap(quantized.activations, float_first=True)(name, x)
-        if name.endswith((".k_rope", ".v")):
+        if is_kv_tap(name):
             recorded[name] = out  # position 0 too is quantized as the KV cache holds it
         return out
 
@@ -149,7 +149,7 @@ def test_recorded_sink_is_position_zero_of_the_simulated_model(tiny_checkpoints)
     assert s.token == sink and s.keys.shape == (c.num_layers, c.num_kv_heads, c.head_dim)
     for layer in range(c.num_layers):
         for tap, ours, theirs in (("k_rope", s.keys[layer], recorded[f"layers.{layer}.k_rope"][0, :, 0]),
-                                  ("v", s.values[layer].reshape(-1), recorded[f"layers.{layer}.v"][0, 0])):
+                                  ("v_cache", s.values[layer].reshape(-1), recorded[f"layers.{layer}.v_cache"][0, 0])):
             step = quantized.activations[f"layers.{layer}.{tap}"].scale
             np.testing.assert_allclose(ours, theirs, atol=1.01 * step)  # a float rounding may flip one step
             assert np.abs(ours - theirs.numpy()).mean() < 0.05 * step

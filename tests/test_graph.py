@@ -20,7 +20,7 @@ TOLERANCE = 1e-4  # max |difference| / max |logits|
 
 def test_chunk_mask_hand_computed():
     """2 cached tokens, graph of n=3 with 2 real tokens (left-padded), capacity 4: rows are (pad, t2, t3)."""
-    allowed = chunk_mask(past_capacity=4, n=3, past_len=2, valid=2)[0] == 0
+    allowed = chunk_mask(past_capacity=4, n=3, past_len=2, valid=2)[0, 0] == 0
     expected = np.array([
         # past0 past1 past2 past3 | new0 new1 new2
         [0, 0, 0, 0, 1, 0, 0],  # padding row sees only itself

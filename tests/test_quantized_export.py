@@ -55,6 +55,9 @@ def test_encodings_cover_every_quantized_tensor(tiny_checkpoints, tmp_path):
         for graph_manifest in part.graphs.values():
             graph = onnx.load(tmp_path / "e" / graph_manifest.file)
             constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+            for value in graph.graph.input:  # the KV cache crosses the boundary as codes
+                if value.type.tensor_type.elem_type in (onnx.TensorProto.UINT8, onnx.TensorProto.UINT16):
+                    activations.add(value.name)
             for node in graph.graph.node:
                 if node.op_type == "QuantizeLinear":
                     activations.add(node.input[0])
@@ -67,15 +70,22 @@ def test_encodings_cover_every_quantized_tensor(tiny_checkpoints, tmp_path):
                     params.add(node.output[0])
                     entry, codes = param_entries[node.output[0]], constants[node.input[0]]
                     scales = constants[node.input[1]]
+                    if codes.dtype in (np.uint8, np.uint16):  # a table held as activation codes
+                        assert entry["enc_type"] == "PER_TENSOR" and not entry["is_sym"]
+                        assert entry["scale"][0] == pytest.approx(float(scales), rel=1e-6)
+                        assert entry["offset"] == [-int(constants[node.input[2]])]
+                        continue
                     blocked = any(a.name == "block_size" for a in node.attribute)
                     assert entry["enc_type"] == ("PER_BLOCK" if blocked else "PER_CHANNEL") and entry["is_sym"]
                     assert entry["bw"] == (8 if codes.dtype == np.int8 else 4)
                     assert entry["offset"] == [-(2 ** (entry["bw"] - 1))]
+                    if not blocked:  # explicit zero points of 0 (QNN HTP misreads per-channel int4 without them)
+                        assert not constants[node.input[2]].any()
                     # Scales are listed [out, blocks] row-major; the graph holds them in its weight layout.
                     assert sorted(entry["scale"]) == pytest.approx(sorted(scales.reshape(-1).tolist()), rel=1e-6)
         assert activations == set(activation_entries) and params == set(param_entries)
-        kv = {e["bw"] for name, e in activation_entries.items() if "k_rope" in name or "v_proj" in name}
-        assert kv == {8}  # --kv-bits 8
+        kv = {e["bw"] for name, e in activation_entries.items() if name.startswith(("past_key_", "past_value_"))}
+        assert kv == {8}  # --kv-bits 8: the cache crosses the graph boundary as uint8 codes
 
 
 def test_weight_only_and_fp16_precisions(tiny_checkpoints, tmp_path):
@@ -136,25 +146,26 @@ def test_massive_first_token_activation_stays_out_of_the_encodings(tiny_checkpoi
 
 
 def test_generation_after_the_attention_sink(tiny_checkpoints, tmp_path):
-    """A quantized export starts every cache with the sink's precomputed K/V; prompts with or without the
-    sink token give the same tokens, and greedy generation (prompt processor, then token generator) follows
-    the simulated model's greedy choice step by step."""
+    """A quantized export's graphs hold the attention sink's K/V (moved to position -1), so caches start empty and
+    a prompt's leading sink token is dropped; prompts with or without it give the same tokens, and greedy
+    generation (prompt processor, then token generator) follows the simulated model's greedy choice step by step."""
     from ondevice_llama.runtime import ExportedModel, Generator
 
     checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
     manifest = _export(checkpoint, tmp_path / "w4a16", precision="w4a16", block_size=32, num_parts=2)
     model = ExportedModel(tmp_path / "w4a16")
     bos = checkpoint.special_tokens.bos_id
-    assert model.prefix == [bos] and model.new_cache().length == 1
+    assert model.attention_sink.token == bos and model.new_cache().length == 0
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, checkpoint.config.vocab_size, 11)]
+    assert model.model_tokens([bos, *prompt]) == model.model_tokens(prompt) == prompt
     np.testing.assert_array_equal(model.logits(prompt), model.logits([bos, *prompt])[1:])
     np.testing.assert_array_equal(model.logits([bos])[0], model.attention_sink.logits)
     generator = Generator(model)
     generated = generator.generate(prompt, max_new_tokens=12).token_ids
-    assert generator.history[:1] == [bos]
+    assert generator.history[:len(prompt)] == prompt
     assert Generator(model).generate([bos, *prompt], max_new_tokens=12).token_ids == generated
     generator.reset()
-    assert generator.cache.length == 1 and generator.generate(prompt, max_new_tokens=12).token_ids == generated
+    assert generator.cache.length == 0 and generator.generate(prompt, max_new_tokens=12).token_ids == generated
     quantized = QuantizedModel.load(manifest.extra["quantization"]["quantized_checkpoint"])
     simulated = simulated_logits(checkpoint, quantized)
     tokens = list(prompt)

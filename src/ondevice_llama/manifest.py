@@ -14,7 +14,7 @@ from .config import LlamaConfig, SpecialTokens
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "ondevice-llama-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Genie's graph I/O names and shapes, integer KV codes, the attention sink inside the graphs
 GRAPH_KINDS = ("prompt_processor", "token_generator")
 
 
@@ -26,12 +26,14 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # numpy dtype name: float32, float16, int32, ...
+    dtype: str  # numpy dtype name: float32, float16, int32, uint16, ...
     shape: tuple[int, ...]
+    scale: float | None = None  # integer codes (a quantized KV cache): value = (code - zero_point) * scale
+    zero_point: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+        return cls(data["name"], data["dtype"], tuple(data["shape"]), data.get("scale"), data.get("zero_point"))
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ class Manifest:
     parts: tuple[PartManifest, ...]
     tokenizer_file: str = "tokenizer.json"
     extra: dict[str, Any] = field(default_factory=dict)  # measurements and notes, free-form
-    attention_sink_file: str | None = None  # quantized exports: position 0 precomputed (runtime.attention_sink)
+    attention_sink_file: str | None = None  # quantized exports: position 0 precomputed (attention_sink.py)
+    compiled: dict[str, Any] | None = None  # a compiled folder: the SoC, QNN version and context binaries (compile)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -109,7 +112,7 @@ class Manifest:
             context_length=int(data["context_length"]), all_logits=bool(data["all_logits"]),
             parts=tuple(PartManifest.from_dict(p) for p in data["parts"]),
             tokenizer_file=data.get("tokenizer_file", "tokenizer.json"), extra=data.get("extra", {}),
-            attention_sink_file=data.get("attention_sink_file"),
+            attention_sink_file=data.get("attention_sink_file"), compiled=data.get("compiled"),
         )
 
 

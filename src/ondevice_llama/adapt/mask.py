@@ -12,7 +12,7 @@ MASK_VALUE = -1e4  # exp(-1e4) is exactly 0 in float32 and float16 yet stays fin
 
 
 def chunk_mask(past_capacity: int, n: int, past_len: int, valid: int) -> np.ndarray:
-    """[1, n, past_capacity + n] float32 mask for `valid` real tokens after `past_len` cached ones.
+    """[1, 1, n, past_capacity + n] float32 mask for `valid` real tokens after `past_len` cached ones.
 
     Real rows attend to the cached prefix and causally to real new slots. Padding rows attend only
     to their own slot, which keeps softmax finite; their outputs are discarded.
@@ -29,4 +29,4 @@ def chunk_mask(past_capacity: int, n: int, past_len: int, valid: int) -> np.ndar
     causal = (cols <= rows) & (cols >= pad)
     causal[:pad] = np.eye(n, dtype=bool)[:pad]
     mask[:, past_capacity:][causal] = 0.0
-    return mask[None]
+    return mask[None, None]

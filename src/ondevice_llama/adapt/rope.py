@@ -111,3 +111,17 @@ def rope_tables(config: LlamaConfig, positions: np.ndarray) -> tuple[np.ndarray,
     angles = positions.astype(F32)[:, None] * inv_freq(config, seq_len)[None, :]
     scale = F32(attention_scaling(config.rope_scaling))
     return (np.cos(angles) * scale)[None].astype(F32), (np.sin(angles) * scale)[None].astype(F32)
+
+
+def rotate(config: LlamaConfig, x: np.ndarray, position: int) -> np.ndarray:
+    """`x` [..., head_dim] (already rotated to position 0, i.e. as computed) rotated on to `position`.
+
+    RoPE makes attention depend on positions only through their difference, so a key moved by the same offset
+    as every query gives the same scores: the attention sink is baked into the graphs at position -1, and a
+    prompt's first token is at position 0, as Genie numbers them. The yarn cos/sin scale is not applied again.
+    """
+    angles = np.float32(position) * inv_freq(config)
+    cos, sin = np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+    half = config.head_dim // 2
+    x1, x2 = x[..., :half].astype(F32), x[..., half:].astype(F32)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(F32)

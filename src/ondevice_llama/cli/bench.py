@@ -236,7 +236,7 @@ def measure(model, repetitions: int, lengths: list[int], progress: bool = True) 
     """Run every measurement once to warm up, then `repetitions` times, interleaved; return the raw samples."""
     from tqdm import tqdm
 
-    plan, notes = _plan(model.context_length - len(model.prefix), lengths)  # the attention sink takes a slot
+    plan, notes = _plan(model.context_length, lengths)
     vocab = min(model.config.vocab_size, model.tokenizer.get_vocab_size())
     count = max(plan["measured"] + [plan["prompt"], plan["part_prefill"], 1])
     runner = Runner(model, draw_tokens(count, vocab, special_ids(model.tokenizer, model.manifest.special_tokens)))

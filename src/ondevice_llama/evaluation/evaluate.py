@@ -6,7 +6,7 @@ The protocol is the usual wikitext one with stride = window: the token stream is
 KL and top-1 agreement are taken on the same positions. A last partial window shorter than 2 tokens
 has nothing to score and is dropped. Only one window of logits per source is held at a time.
 
-With `bos` (the model's BOS token, which quantized exports need: runtime.attention_sink), every window
+With `bos` (the model's BOS token, which quantized exports need: ondevice_llama.attention_sink), every window
 starts with it and holds `window` - 1 text tokens, all of them scored: models see text that way in use.
 """
 

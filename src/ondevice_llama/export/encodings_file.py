@@ -3,7 +3,9 @@
 QNN's converters (`qnn-onnx-converter --quantization_overrides`) and AIMET read it. Entries are keyed by
 the float tensor's name in the graph (the input of a QuantizeLinear, the output of a weight's
 DequantizeLinear). Activations are asymmetric per tensor; weights symmetric per output channel
-(PER_CHANNEL) or per block of `block_size` inputs (PER_BLOCK, scales row-major over [out, blocks]).
+(PER_CHANNEL) or per block of `block_size` inputs (PER_BLOCK, scales row-major over [out, blocks]); constants
+held as codes of an activation encoding (the embedding's gather table, the baked attention sink) are asymmetric
+per tensor. Quantized graph inputs (the KV cache) are listed with the activations.
 A symmetric weight's offset is the same for every channel or block, so it is written once
 (`"offset": [-2^(bw-1)]`) instead of repeated per scale.
 
@@ -51,6 +53,16 @@ class EncodingsFile:
         scale_list = ("%.9g," * len(values) % tuple(values))[:-1]  # %-formatting: the fastest in pure Python
         separator = ",\n" if len(self._param_names) > 1 else ""
         self._params.write(f'{separator}{text}, "offset": [{-(2 ** (bits - 1))}], "scale": [{scale_list}]}}')
+
+    def add_table(self, name: str, encoding: ActivationEncoding) -> None:
+        """A constant stored as codes of an activation encoding (asymmetric, per tensor)."""
+        if name in self._param_names:
+            return
+        self._param_names.add(name)
+        entry = {"name": name, "dtype": "INT", "enc_type": "PER_TENSOR", "bw": encoding.bits, "is_sym": False,
+                 "offset": [-encoding.zero_point], "scale": [encoding.scale]}
+        separator = ",\n" if len(self._param_names) > 1 else ""
+        self._params.write(separator + json.dumps(entry))
 
     def close(self) -> None:
         """Write the whole file (activations, then the streamed weight entries) and remove the scratch file."""

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from ..attention_sink import SINK_FILE
 from ..config import LlamaConfig
 from ..files import fingerprint, replace_folder, sha256_file
 from ..loading import Checkpoint
@@ -28,12 +29,12 @@ from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, Ten
 from ..memory import PeakRssSampler, release_free_memory
 from ..quantization.recipe import PRECISIONS as RECIPE_PRECISIONS
 from ..quantization.recipe import Recipe
-from ..runtime.attention_sink import SINK_FILE
 from .cpu_graph import CpuGraphOptions, build_cpu_part_graph
 from .encodings_file import EncodingsFile
 from .graph import Graph, WeightFile
 from .llama_graph import GraphOptions, GraphQuantization, PartSpec, build_part_graph
 from .memory_check import GB, MemoryEstimate, check_memory, estimate_export_memory
+from .part_size import check_parts_fit, parts_that_fit, storage_of
 
 SEVEN_B_PARAMETERS = 6_000_000_000
 
@@ -43,8 +44,8 @@ class ExportOptions:
     num_parts: int | None = None  # None: 4 for 7B-class models, fewer for small ones
     sequence_length: int = 128
     context_length: int | None = None  # None: 1024 for 7B-class models, else up to 2048
-    use_conv: bool = True
-    all_logits: bool = False
+    use_conv: bool = False  # npu: projections as MatMul (QNN HTP prepares these in seconds; 1x1 Conv took minutes)
+    all_logits: bool = False  # cpu: every position's logits (npu prompt processors always return them)
     target: str = "npu"  # "npu": static-shape SHA graphs; "cpu": fused ORT contrib ops, dynamic length
     precision: str | None = None  # None: the target's default (npu: w4a16, cpu: w4)
     block_size: int | None = 32  # weight quantization block; None: per output channel (npu target only)
@@ -68,9 +69,15 @@ def default_num_parts(config: LlamaConfig) -> int:
     return min(parts, config.num_layers)
 
 
-def default_context_length(config: LlamaConfig) -> int:
-    if config.num_parameters >= SEVEN_B_PARAMETERS:
-        return 1024
+# npu: QNN HTP's graph preparation time grows steeply past C = 1024 (the default model's prompt processor: 8
+# layers took 19 s at C = 1024 and 89 s at 2048), and so does the device's attention cost; Qualcomm's 7B recipe
+# uses 1024 too.
+NPU_CONTEXT_LENGTH = 1024
+
+
+def default_context_length(config: LlamaConfig, target: str = "npu") -> int:
+    if target == "npu" or config.num_parameters >= SEVEN_B_PARAMETERS:
+        return min(NPU_CONTEXT_LENGTH, config.max_position_embeddings)
     return min(2048, config.max_position_embeddings)
 
 
@@ -105,7 +112,7 @@ def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOption
     if options.target == "cpu" and (options.recipe or options.quantized or options.algorithm):
         raise ValueError("--recipe, --quantized and --algorithm apply to the npu target's quantized precisions")
     parts = options.num_parts or default_num_parts(config)
-    context = options.context_length or default_context_length(config)
+    context = options.context_length or default_context_length(config, options.target)
     if options.sequence_length < 1:
         raise ValueError(f"--sequence-length must be positive, got {options.sequence_length}")
     if options.target == "npu" and context <= options.sequence_length:
@@ -114,7 +121,20 @@ def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOption
         raise ValueError(f"--context-length {context} exceeds the model's maximum "
                          f"{config.max_position_embeddings}")
     plan_parts(config.num_layers, parts)  # checks the part count
-    return replace(options, num_parts=parts, context_length=context, precision=precision)
+    all_logits = options.all_logits or options.target == "npu"  # Genie reads the last real row of a chunk
+    return replace(options, num_parts=parts, context_length=context, precision=precision, all_logits=all_logits)
+
+
+def fit_parts(config: LlamaConfig, options: ExportOptions, recipe: Recipe | None, requested: int | None
+              ) -> ExportOptions:
+    """npu: as many parts as keep each under QNN HTP's context limit (more than the default when needed); a
+    requested count that leaves a part over it is refused."""
+    storage = storage_of(options.precision, recipe)
+    fitting = parts_that_fit(config, storage, 1, lambda k: plan_parts(config.num_layers, k))
+    if requested is not None:
+        check_parts_fit(config, plan_parts(config.num_layers, requested), storage, fitting)
+        return options
+    return replace(options, num_parts=max(options.num_parts, fitting))
 
 
 def _dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:
@@ -122,9 +142,16 @@ def _dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:
     return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim)
 
 
-def _specs(values: list[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
+def _specs(values: list[onnx.ValueInfoProto], encodings: dict) -> tuple[TensorSpec, ...]:
+    """The manifest's record of graph inputs or outputs; integer codes carry their scale and zero point."""
     dtype = onnx.helper.tensor_dtype_to_np_dtype
-    return tuple(TensorSpec(v.name, np.dtype(dtype(v.type.tensor_type.elem_type)).name, _dims(v)) for v in values)
+
+    def spec(v: onnx.ValueInfoProto) -> TensorSpec:
+        e = encodings.get(v.name)
+        return TensorSpec(v.name, np.dtype(dtype(v.type.tensor_type.elem_type)).name, _dims(v),
+                          None if e is None else float(np.float32(e.scale)), None if e is None else e.zero_point)
+
+    return tuple(spec(v) for v in values)
 
 
 def export_recipe(options: ExportOptions) -> Recipe | None:
@@ -158,7 +185,7 @@ def _build_graphs(checkpoint: Checkpoint, part: PartSpec, options: ExportOptions
     graphs = {}
     for kind, n in (("prompt_processor", options.sequence_length), ("token_generator", 1)):
         graph = Graph(f"{kind}_part{number}", weights, encodings)
-        graph_options = GraphOptions(n, options.context_length, options.use_conv, options.all_logits, quantization,
+        graph_options = GraphOptions(n, options.context_length, options.use_conv, quantization,
                                      fp16_weights=options.precision == "fp16")
         build_part_graph(graph, checkpoint.config, checkpoint.tensors, part, graph_options, on_layer)
         graphs[kind] = (f"{kind}_part{number}.onnx", graph)
@@ -187,7 +214,8 @@ def _export_part(checkpoint: Checkpoint, folder: Path, part: PartSpec, options: 
         for kind, (file, graph) in built.items():
             onnx.save_model(graph.to_model(), folder / file)
             n = options.sequence_length if kind == "prompt_processor" else 1 if kind == "token_generator" else -1
-            graphs[kind] = GraphManifest(file, n, _specs(graph.inputs), _specs(graph.outputs))
+            graphs[kind] = GraphManifest(file, n, _specs(graph.inputs, graph.io_encodings),
+                                         _specs(graph.outputs, graph.io_encodings))
         if encodings is not None:
             encodings.close()
     except BaseException:
@@ -289,9 +317,12 @@ def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions
         raise FileExistsError(f"{out}: exists and is a file; choose another --out")
     if out.exists() and not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not an exported model folder; choose another --out")
+    requested_parts = options.num_parts
     options = resolve_options(checkpoint.config, options)
-    parts = plan_parts(checkpoint.config.num_layers, options.num_parts)
     recipe = export_recipe(options)
+    if options.target == "npu":
+        options = fit_parts(checkpoint.config, options, recipe, requested_parts)
+    parts = plan_parts(checkpoint.config.num_layers, options.num_parts)
     estimate = memory_estimate(checkpoint, options, recipe)
     if check_memory_first:
         check_memory(estimate, options.target, recipe)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..quantization.encodings import ActivationEncoding
 from ..quantization.quantizers import pack_int4
 from .encodings_file import EncodingsFile
 
@@ -83,18 +84,26 @@ class Graph:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.initializers: dict[str, TensorProto] = {}
+        self.io_encodings: dict[str, ActivationEncoding] = {}  # graph inputs and outputs that are integer codes
         self._constants: dict[tuple, str] = {}
 
     # ---- graph interface -------------------------------------------------------------------
-    def add_input(self, name: str, dtype: np.dtype, shape: Sequence[int]) -> str:
+    def add_input(self, name: str, dtype: np.dtype, shape: Sequence[int],
+                  encoding: ActivationEncoding | None = None) -> str:
+        """A graph input; `encoding` says how integer codes map to values (recorded in the manifest)."""
         self.inputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[np.dtype(dtype)], list(shape)))
+        if encoding is not None:
+            self.io_encodings[name] = encoding
         return name
 
-    def add_output(self, source: str, name: str, dtype: np.dtype, shape: Sequence[int]) -> str:
+    def add_output(self, source: str, name: str, dtype: np.dtype, shape: Sequence[int],
+                   encoding: ActivationEncoding | None = None) -> str:
         """Expose `source` as graph output `name` (through Identity when the names differ)."""
         if source != name:
             self.make_node("Identity", [source], f"/outputs/{name}/Identity", output=name)
         self.outputs.append(helper.make_tensor_value_info(name, ONNX_DTYPES[np.dtype(dtype)], list(shape)))
+        if encoding is not None:
+            self.io_encodings[name] = encoding
         return name
 
     def weight(self, name: str, produce: Callable[[], np.ndarray | Int4]) -> str:

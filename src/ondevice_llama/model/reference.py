@@ -54,8 +54,8 @@ def repeat_kv(x: Tensor, group_size: int) -> Tensor:
 
 
 # Activation taps per layer, in order; the exported graph quantizes the same tensors under the same names.
-LAYER_TAPS = ("input_norm", "q", "k", "v", "q_rope", "k_rope", "scores", "probs", "context", "o", "attn_residual",
-              "post_attention_norm", "gate", "up", "silu", "gate_up", "down", "mlp_residual")
+LAYER_TAPS = ("input_norm", "q", "k", "v", "v_cache", "q_rope", "k_rope", "scores", "probs", "context", "o",
+              "attn_residual", "post_attention_norm", "gate", "up", "silu", "gate_up", "down", "mlp_residual")
 GLOBAL_TAPS = ("embed", "norm", "logits")
 
 
@@ -92,7 +92,9 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q = tap(p + "q", self.q_proj(x)).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
         k = tap(p + "k", self.k_proj(x)).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = tap(p + "v", self.v_proj(x)).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        # The cache holds values quantized on their own ("v_cache", 8 bits with --kv-bits 8): an accelerator's
+        # projection then keeps 16-bit outputs like every other one.
+        v = tap(p + "v_cache", tap(p + "v", self.v_proj(x))).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = tap(p + "q_rope", apply_rope(q, cos, sin)), tap(p + "k_rope", apply_rope(k, cos, sin))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)

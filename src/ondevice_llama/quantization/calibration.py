@@ -30,7 +30,7 @@ from ..adapt.mask import MASK_VALUE
 from ..loading import Checkpoint
 from ..model.reference import apply_rope, rms_norm, rope_cos_sin
 from ..runtime.chat_format import encode_text, format_chat
-from .encodings import ActivationEncoding
+from .encodings import ActivationEncoding, is_kv_tap
 
 CHATS: tuple[tuple[str, str], ...] = (
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -300,11 +300,6 @@ def pack_sequences(sequences: list[list[int]], length: int, first_token: int | N
             break
         packed.append([first_token, *(body * length)[:length - 1]])
     return torch.tensor(packed, dtype=torch.long)
-
-
-def is_kv_tap(name: str) -> bool:
-    """Taps whose values the KV cache holds: RoPE'd keys and values."""
-    return name.endswith((".k_rope", ".v"))
 
 
 def position_axis(x: torch.Tensor) -> int:

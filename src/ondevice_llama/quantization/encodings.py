@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+KV_TAPS = ("k_rope", "v_cache")  # what the KV cache holds: RoPE'd keys and values
+
+
+def is_kv_tap(name: str) -> bool:
+    """Taps whose values the KV cache holds (`KV_TAPS`)."""
+    return name.endswith(tuple(f".{tap}" for tap in KV_TAPS))
+
 
 @dataclass(frozen=True)
 class ActivationEncoding:
@@ -23,6 +30,19 @@ class ActivationEncoding:
     @property
     def zero_point(self) -> int:
         return int(np.clip(round(-min(self.min, 0.0) / self.scale), 0, 2**self.bits - 1))
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The unsigned integer type of the codes (QuantizeLinear's zero-point type)."""
+        return np.dtype(np.uint16 if self.bits == 16 else np.uint8)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Codes as QuantizeLinear computes them: round half to even, saturate."""
+        q = np.rint(np.asarray(x, np.float32) / np.float32(self.scale)) + self.zero_point
+        return np.clip(q, 0, 2**self.bits - 1).astype(self.dtype)
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        return ((codes.astype(np.float32) - self.zero_point) * np.float32(self.scale)).astype(np.float32)
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "min": self.min, "max": self.max}

@@ -59,7 +59,7 @@ def calibration_batch(checkpoint: Checkpoint, calibration_file: Path | None = No
 
 
 def attention_sink_token(checkpoint: Checkpoint) -> int | None:
-    """The token every quantized sequence starts with (runtime.attention_sink): the model's BOS, if it has one."""
+    """The token every quantized sequence starts with (attention_sink.py): the model's BOS, if it has one."""
     return checkpoint.special_tokens.bos_id
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..attention_sink import SINK_FILE, AttentionSink
 from ..config import LlamaConfig
 from ..files import make_staging_folder, read_versioned_json, replace_folder
 from ..loading import Checkpoint, TensorSource
@@ -25,7 +26,6 @@ from ..loading.names import LAYER_TENSORS
 from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
 from ..memory import release_free_memory
 from ..model.reference import Block, rms_norm, rope_cos_sin
-from ..runtime.attention_sink import SINK_FILE, AttentionSink
 from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges, later_positions
 from .encodings import ActivationEncoding
 from .gptq import gptq_quantize
@@ -33,7 +33,7 @@ from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight,
 from .recipe import Recipe
 
 QUANTIZED_FORMAT = "ondevice-llama-quantized"
-QUANTIZED_VERSION = 4  # 3: the attention sink; 4: its K/V quantized as cache entries
+QUANTIZED_VERSION = 5  # 3: the attention sink; 4: its K/V quantized as cache entries; 5: values' own cache tap
 PROJECTIONS = LAYER_TENSORS[1:5] + LAYER_TENSORS[6:]  # q k v o gate up down
 # Projections that read the same input share one Hessian.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -95,7 +95,7 @@ class QuantizedModel:
     activations: dict[str, ActivationEncoding]
     calibration: dict = field(default_factory=dict)  # what the encodings were calibrated on
     source: str = ""  # the float checkpoint it was quantized from
-    attention_sink: AttentionSink | None = None  # position 0 of every sequence, in float (runtime.attention_sink)
+    attention_sink: AttentionSink | None = None  # position 0 of every sequence, in float (attention_sink.py)
 
     def dequantized(self, name: str) -> np.ndarray:
         q = self.weights[name]
@@ -212,7 +212,7 @@ class _SinkPass:
             y = quantize(name, x)
             if name.endswith(".k_rope"):  # [1, kv_heads, 1, head_dim]
                 self.keys.append(y[0, :, 0])
-            elif name.endswith(".v"):  # [1, 1, kv_heads * head_dim]
+            elif name.endswith(".v_cache"):  # [1, 1, kv_heads * head_dim]
                 self.values.append(y[0, 0])
             return y
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..files import read_versioned_json
+from .encodings import is_kv_tap
 
 RECIPE_FORMAT = "ondevice-llama-recipe"
 RECIPE_VERSION = 1
@@ -56,7 +57,7 @@ class Recipe:
     def activation_bits_for(self, tap: str) -> int | None:
         if self.activation_bits is None:
             return None
-        return self.kv_bits if tap.endswith((".k_rope", ".v")) else self.activation_bits
+        return self.kv_bits if is_kv_tap(tap) else self.activation_bits
 
     def describe(self) -> str:
         """E.g. 'w4a16, block 32, gptq, 8-bit head, 3 overrides'."""

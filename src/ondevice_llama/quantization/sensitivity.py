@@ -249,7 +249,7 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
 
     algorithm None: the recipe's default. `max_tokens` (0: all) bounds the calibration tokens measured on;
     with GPTQ, the Hessians come from the same tokens. With `sink_token` (every row starts with it),
-    position 0 is not measured: quantized exports never run it (runtime.attention_sink).
+    position 0 is not measured: quantized exports never run it (ondevice_llama.attention_sink).
     """
     start_time = time.perf_counter()
     check_block_size(checkpoint, block_size)

@@ -6,6 +6,7 @@ are bound to the same OrtValue, so a decode step copies no cache at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,9 @@ class CpuKVCache:
 
 
 class CpuEngine:
-    def __init__(self, folder: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]):
+    def __init__(self, folder: Path, manifest: Manifest, open_session: Callable[[Path], ort.InferenceSession]):
         self.manifest = manifest
-        self.sessions = [ort.InferenceSession(str(folder / part.graphs[DECODER].file), options, providers=providers)
-                         for part in manifest.parts]
+        self.sessions = [open_session(folder / part.graphs[DECODER].file) for part in manifest.parts]
 
     def new_cache(self) -> CpuKVCache:
         c = self.manifest.config

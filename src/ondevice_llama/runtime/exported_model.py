@@ -1,6 +1,8 @@
-"""Run an exported folder with ONNX Runtime: prompt processor for prefill, token generator per token.
+"""Run an exported (or compiled) folder: prompt processor for prefill, token generator per token.
 
-State is plain data: the manifest, one InferenceSession per part and graph kind, and a host KV cache.
+State is plain data: the manifest, one ONNX Runtime session per part and graph kind, and a host KV cache.
+A compiled folder (`ondevice-llama compile`) holds QNN context binaries behind EPContext models; it runs
+on QNN HTP (the NPU of a Snapdragon device, the HTP simulator elsewhere) with the same engine.
 """
 
 from __future__ import annotations
@@ -11,20 +13,12 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from ..adapt import layout
-from ..adapt.mask import chunk_mask
-from ..adapt.rope import rope_tables
-from ..manifest import GraphManifest, Manifest, load_manifest
-from .attention_sink import AttentionSink
+from ..attention_sink import AttentionSink
+from ..manifest import Manifest, load_manifest
 from .cpu_engine import CpuEngine
-from .kv_cache import KVCache
+from .npu_engine import PROMPT_PROCESSOR, TOKEN_GENERATOR, ContextFullError, NpuEngine
 
-PROMPT_PROCESSOR = "prompt_processor"
-TOKEN_GENERATOR = "token_generator"
-
-
-class ContextFullError(RuntimeError):
-    """The static context length is reached; nothing more fits in the KV cache."""
+__all__ = ["PROMPT_PROCESSOR", "TOKEN_GENERATOR", "ContextFullError", "ExportedModel", "session_options"]
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -38,6 +32,25 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+def _session_factory(folder: Path, manifest: Manifest, threads: int | None, providers: list[str] | None):
+    """How to open each graph: ONNX Runtime's CPU for exports, QNN HTP for a compiled folder (its per-graph
+    binaries on the x86_64 simulator, which cannot load weight-shared ones)."""
+    if manifest.compiled is None:
+        options, providers = session_options(threads), providers or ["CPUExecutionProvider"]
+        return lambda path: ort.InferenceSession(str(path), options, providers=providers)
+    from .. import qnn
+
+    soc = qnn.soc_by_name(manifest.compiled["soc"])
+    if not qnn.simulated():
+        return lambda path: ort.InferenceSession(str(path), sess_options=qnn.session_options(soc))
+    simulator = manifest.compiled.get("simulator")
+    if not simulator:
+        raise ValueError(f"{folder}: compiled with --device-only; QNN's x86_64 HTP simulator cannot load its "
+                         "weight-shared context binaries: compile again without --device-only to run it here")
+    return lambda path: ort.InferenceSession(str(path.parent / simulator / path.name),
+                                             sess_options=qnn.session_options(soc))
+
+
 class ExportedModel:
     """An exported folder ready to run: manifest, tokenizer and the engine for its target."""
 
@@ -47,21 +60,23 @@ class ExportedModel:
         self.config = self.manifest.config
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer_file))
         engine = CpuEngine if self.manifest.target == "cpu" else NpuEngine
-        self.engine = engine(self.folder, self.manifest, session_options(threads),
-                             providers or ["CPUExecutionProvider"])
+        open_session = _session_factory(self.folder, self.manifest, threads, providers)
+        self.engine = engine(self.folder, self.manifest, open_session)
         sink_file = self.manifest.attention_sink_file
         c = self.config
         self.attention_sink = (AttentionSink.load(self.folder / sink_file, (c.num_layers, c.num_kv_heads, c.head_dim))
                                if sink_file else None)
-        # Tokens every cache starts with: the attention sink's, precomputed (empty without one).
-        self.prefix: list[int] = [self.attention_sink.token] if self.attention_sink else []
 
-    def with_prefix(self, tokens: list[int]) -> list[int]:
-        """`tokens` as this model runs them: after the attention sink's token, when it has one."""
-        return self.attention_sink.with_sink(tokens) if self.attention_sink else list(tokens)
+    def model_tokens(self, tokens: list[int]) -> list[int]:
+        """`tokens` as the graphs run them: a quantized export's graphs hold the attention sink (the BOS every
+        sequence starts with) themselves, so a leading BOS is dropped (and a prompt without one is run as if it
+        had it)."""
+        sink = self.attention_sink
+        return list(tokens[1:]) if sink is not None and tokens[:1] == [sink.token] else list(tokens)
 
     @property
     def context_length(self) -> int:
+        """Tokens a cache holds (a baked attention sink comes on top)."""
         return self.manifest.context_length
 
     @property
@@ -69,21 +84,14 @@ class ExportedModel:
         return self.manifest.sequence_length
 
     def new_cache(self):
-        """An empty cache, or one holding the attention sink's K/V at position 0."""
-        cache = self.engine.new_cache()
-        sink = self.attention_sink
-        if sink is not None:
-            for layer in range(self.config.num_layers):
-                cache.write(layer, sink.keys[layer][:, :, None], sink.values[layer][:, None, :], 1)
-            cache.advance(1)
-        return cache
+        return self.engine.new_cache()
 
     def reset_cache(self, cache) -> None:
-        """Back to what `new_cache` gives: empty, or the attention sink alone."""
-        cache.truncate(len(self.prefix))
+        """Back to what `new_cache` gives."""
+        cache.truncate(0)
 
     def prefill(self, tokens: list[int], cache) -> np.ndarray:
-        """Process a prompt after what `cache` holds; returns the last token's logits [vocab]."""
+        """Process model tokens after what `cache` holds; returns the last token's logits [vocab]."""
         if not tokens:
             raise ValueError("prefill needs at least one token")
         if cache.length + len(tokens) > self.context_length:
@@ -92,113 +100,19 @@ class ExportedModel:
         return self.engine.prefill(tokens, cache)[-1]
 
     def logits(self, tokens: list[int]) -> np.ndarray:
-        """Logits of every position of `tokens` from a fresh cache ([len, vocab]); needs an --all-logits export."""
+        """Logits of every position of `tokens` from a fresh cache ([len, vocab]); needs an export with all logits."""
         if not self.manifest.all_logits:
             raise ValueError(f"{self.folder}: exported without --all-logits; export again with it to evaluate")
-        ids = self.with_prefix(tokens)
+        ids = self.model_tokens(tokens)
         if len(ids) > self.context_length:
             raise ContextFullError(f"{len(ids)} tokens exceed the context length {self.context_length}")
-        rows = [self.attention_sink.logits[None]] if self.attention_sink else []
-        if len(ids) > len(self.prefix):
-            rows.append(self.engine.all_logits(ids[len(self.prefix):], self.new_cache()))
-        return np.concatenate(rows)[len(ids) - len(tokens):]
+        rows = [self.attention_sink.logits[None]] if len(ids) < len(tokens) else []  # the dropped BOS's row
+        if ids:
+            rows.append(self.engine.all_logits(ids, self.new_cache()))
+        return np.concatenate(rows)
 
     def decode(self, token: int, cache) -> np.ndarray:
         """One token through the token generator; returns its logits [vocab]."""
         if cache.length >= self.context_length:
             raise ContextFullError(f"the context length {self.context_length} is reached")
         return self.engine.step([token], cache)[-1]
-
-
-class NpuEngine:
-    """Static-shape graphs: the prompt processor (AR-N) in chunks, the token generator (AR-1) per token."""
-
-    def __init__(self, folder: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]):
-        self.manifest = manifest
-        self.config = manifest.config
-        self.sessions: dict[str, list[ort.InferenceSession]] = {
-            kind: [ort.InferenceSession(str(folder / part.graphs[kind].file), options, providers=providers)
-                   for part in manifest.parts]
-            for kind in (PROMPT_PROCESSOR, TOKEN_GENERATOR)
-        }
-
-    @property
-    def context_length(self) -> int:
-        return self.manifest.context_length
-
-    @property
-    def sequence_length(self) -> int:
-        return self.manifest.sequence_length
-
-    def new_cache(self) -> KVCache:
-        """A cache as long as the token generator's past: the longest any graph reads."""
-        return KVCache(self.config, layout.past_capacity(self.context_length, 1))
-
-    def _graph(self, kind: str, part: int) -> GraphManifest:
-        return self.manifest.parts[part].graphs[kind]
-
-    def run_graphs(self, kind: str, tokens: list[int], cache: KVCache) -> np.ndarray:
-        """One step of one graph kind over every part; returns its logits [positions, vocab].
-
-        `tokens` (at most the graph's sequence length) are left-padded; the new K/V of the real tokens
-        go into `cache` at its current length.
-        """
-        n = self._graph(kind, 0).sequence_length
-        valid = len(tokens)
-        past_len = cache.length
-        capacity = layout.past_capacity(self.context_length, n)
-        if not 0 < valid <= n:
-            raise ValueError(f"{kind} takes 1..{n} tokens, got {valid}")
-        if past_len > capacity:
-            raise ContextFullError(f"{past_len} cached tokens do not fit the {kind}'s capacity {capacity}")
-        pad = n - valid
-        ids = np.zeros((1, n), np.int32)
-        ids[0, pad:] = tokens
-        positions = np.zeros(n, np.int64)
-        positions[pad:] = np.arange(past_len, past_len + valid)
-        cos, sin = rope_tables(self.config, positions)
-        common = {"position_cos": cos, "position_sin": sin,
-                  "attention_mask": chunk_mask(capacity, n, past_len, valid)}
-        hidden: np.ndarray = ids
-        for part, session in zip(self.manifest.parts, self.sessions[kind], strict=True):
-            feeds = dict(common)
-            feeds["input_ids" if part.index == 0 else "hidden_in"] = hidden
-            for layer in part.layers:
-                feeds[layout.past_key_name(layer)], feeds[layout.past_value_name(layer)] = cache.past(layer, capacity)
-            names = [o.name for o in self._graph(kind, part.index).outputs]
-            outputs = dict(zip(names, session.run(names, feeds), strict=True))
-            for layer in part.layers:
-                cache.write(layer, outputs[layout.new_key_name(layer)], outputs[layout.new_value_name(layer)], valid)
-            hidden = outputs.get("hidden_out", outputs.get("logits"))
-        cache.advance(valid)
-        return hidden[0]
-
-    def prefill(self, tokens: list[int], cache: KVCache) -> np.ndarray:
-        """Full chunks of N through the prompt processor, a shorter last chunk left-padded; once the prompt
-        processor's cache capacity (C - N) is reached, the rest token by token. Returns the last logits."""
-        n = self.sequence_length
-        pp_capacity = layout.past_capacity(self.context_length, n)
-        i = 0
-        while i < len(tokens):
-            if cache.length <= pp_capacity and len(tokens) - i > 1:
-                chunk = tokens[i:i + n]
-                logits = self.run_graphs(PROMPT_PROCESSOR, chunk, cache)
-            else:
-                chunk = tokens[i:i + 1]
-                logits = self.run_graphs(TOKEN_GENERATOR, chunk, cache)
-            i += len(chunk)
-        return logits
-
-    def step(self, tokens: list[int], cache: KVCache) -> np.ndarray:
-        return self.run_graphs(TOKEN_GENERATOR, tokens, cache)
-
-    def all_logits(self, tokens: list[int], cache: KVCache) -> np.ndarray:
-        """Every position's logits: prompt-processor chunks ending at multiples of N (so that the last one
-        of a full context still finds its past within the graph's C - N slots), left padding dropped."""
-        n = self.sequence_length
-        pieces, i = [], 0
-        while i < len(tokens):
-            chunk = tokens[i:i + n - cache.length % n]
-            pieces.append(self.run_graphs(PROMPT_PROCESSOR, chunk, cache)[n - len(chunk):])
-            i += len(chunk)
-        return np.concatenate(pieces)

@@ -53,21 +53,19 @@ class Generator:
     def __init__(self, model: ExportedModel):
         self.model = model
         self.cache: KVCache = model.new_cache()
-        # The tokens whose K/V the cache holds, in order (one per position); the model's prefix (the
-        # attention sink) is always there.
-        self.history: list[int] = list(model.prefix)
+        self.history: list[int] = []  # the model tokens whose K/V the cache holds, one per position
 
     def reset(self) -> None:
         self.model.reset_cache(self.cache)
-        self.history = list(self.model.prefix)
+        self.history = []
 
     def _prefill(self, prompt: list[int]) -> np.ndarray:
-        """Reuse the cached prefix of `prompt` and process the rest (at least one token, for logits)."""
-        prompt, fixed = self.model.with_prefix(prompt), len(self.model.prefix)
-        if len(prompt) == fixed:  # the attention sink alone: its logits were precomputed
+        """Reuse the cached prefix of `prompt` (model tokens) and process the rest (at least one token, for
+        logits)."""
+        if not prompt:  # the attention sink alone: its logits were precomputed
             self.reset()
             return self.model.attention_sink.logits
-        keep = max(fixed, min(common_prefix(self.history, prompt), len(prompt) - 1, self.cache.length))
+        keep = min(common_prefix(self.history, prompt), len(prompt) - 1, self.cache.length)
         self.cache.truncate(keep)
         self.history = prompt[:keep]
         logits = self.model.prefill(prompt[keep:], self.cache)
@@ -75,9 +73,8 @@ class Generator:
         return logits
 
     def _slide(self, tokens: list[int]) -> np.ndarray:
-        """Keep the newest half of the context (after the attention sink) and recompute its cache (positions
-        are baked into keys)."""
-        keep = self.model.with_prefix(tokens[-(self.model.context_length // 2):])
+        """Keep the newest half of the context and recompute its cache (positions are baked into keys)."""
+        keep = tokens[-(self.model.context_length // 2):]
         self.reset()
         return self._prefill(keep)
 
@@ -86,7 +83,8 @@ class Generator:
                  slide: bool = False) -> GenerationResult:
         if not prompt:
             raise ValueError("the prompt is empty")
-        prompt = self.model.with_prefix(prompt)
+        prompt_tokens = len(prompt)
+        prompt = self.model.model_tokens(prompt)
         context = self.model.context_length
         if len(prompt) >= context and not slide:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context length is {context}")
@@ -121,7 +119,7 @@ class Generator:
         on_text(detok.flush())
         decode_s = time.perf_counter() - decode_start if generated else 0.0
         text = self.model.tokenizer.decode(generated, skip_special_tokens=True)
-        return GenerationResult(generated, text, len(prompt), stop_reason, ttft, decode_s)
+        return GenerationResult(generated, text, prompt_tokens, stop_reason, ttft, decode_s)
 
 
 class ChatSession:
@@ -131,6 +129,15 @@ class ChatSession:
         self.model = model
         self.generator = Generator(model)
         self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+
+    @property
+    def manifest(self):
+        return self.model.manifest
+
+    def reset(self) -> None:
+        """A new conversation (the system prompt kept)."""
+        self.messages = self.messages[:1] if self.messages[:1] and self.messages[0]["role"] == "system" else []
+        self.generator.reset()
 
     def prompt_ids(self) -> list[int]:
         m = self.model.manifest

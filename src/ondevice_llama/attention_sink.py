@@ -9,6 +9,10 @@ every sequence starts with one fixed token (the model's BOS) whose keys, values 
 at quantization time with float activations (its keys and values then quantized like every KV cache entry),
 and activation encodings are calibrated on the other positions.
 
+The exporter bakes the keys and values into every layer's attention (`export.llama_graph`), so a runtime on
+the device (ours or Genie) never sees the sink: it only drops the prompt's leading BOS. The logits stay in
+this file for the one prediction the graphs cannot make, the token after the sink alone.
+
 Numpy only: the runtime loads it without torch.
 """
 
