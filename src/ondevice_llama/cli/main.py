@@ -39,14 +39,15 @@ def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None
     p.add_argument("--sequence-length", type=int, default=128, help="prompt processor length N (default 128)")
     p.add_argument("--context-length", type=int, default=None,
                    help="context length C (default: 1024 for 7B-class models, else up to 2048)")
-    p.add_argument("--linear", action="store_true", help="keep projections as MatMul instead of 1x1 Conv")
+    p.add_argument("--conv", action="store_true",
+                   help="npu: projections as 1x1 Conv instead of MatMul (QNN HTP prepares Conv far slower)")
 
 
 def _export_options(args: argparse.Namespace, all_logits: bool = False):
     from ..export import ExportOptions
 
     return ExportOptions(num_parts=args.num_parts, sequence_length=args.sequence_length,
-                         context_length=args.context_length, use_conv=not args.linear, all_logits=all_logits,
+                         context_length=args.context_length, use_conv=args.conv, all_logits=all_logits,
                          target=args.target, precision=args.precision, block_size=args.block_size,
                          accuracy_level=args.accuracy_level, algorithm=args.algorithm, recipe=args.recipe,
                          calibration_file=args.calibration_file, quantized=args.quantized, kv_bits=args.kv_bits)
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    chat.add_argument("--genie", action="store_true",
+                      help="a compiled folder: generate with Qualcomm's Genie runtime (libGenie) on its bundle")
     chat.add_argument("--slide", action="store_true",
                       help="when the context fills up, keep its newest half and go on instead of stopping")
 
@@ -147,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stored dtype (default: the real checkpoint's)")
     synth.add_argument("--layers", type=int, default=None, help="keep only the first N layers (same widths)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    compile_ = sub.add_parser("compile", help="compile an npu export to QNN context binaries for a Snapdragon NPU "
+                                              "(both graphs of a part sharing weights) and a Genie bundle")
+    compile_.add_argument("export", type=Path, help="exported folder (`ondevice-llama export --target npu`)")
+    compile_.add_argument("--soc", required=True,
+                          help="the SoC to compile for, e.g. SM8650 (8 Gen 3), SM8750 (8 Elite), SC8380XP (X Elite)")
+    compile_.add_argument("--out", type=Path, required=True, help="output folder")
+    compile_.add_argument("--device-only", action="store_true",
+                          help="skip the per-graph binaries that let QNN's x86_64 HTP simulator run the folder here "
+                               "(halves the time)")
+    compile_.add_argument("--part", type=int, action="append", default=None, metavar="K",
+                          help="compile only part K (repeatable) into the staging folder; a run without --part "
+                               "finishes the folder, reusing the parts already compiled")
+    compile_.add_argument("--quiet", action="store_true", help="no progress bar")
 
     analyze = sub.add_parser("analyze", help="4-bit sensitivity of every layer's projections, and a w4a16 recipe "
                                              "keeping the most sensitive at 8 bits")
@@ -208,7 +225,12 @@ def run_chat(args: argparse.Namespace) -> int:
 
     folder = args.model or cached_export(args.checkpoint, _export_options(args))
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
-    session = ChatSession(ExportedModel(folder, threads=args.threads), system=args.system)
+    if args.genie:
+        from ..runtime.genie import GenieChatSession
+
+        session = GenieChatSession(folder, system=args.system, sampling=sampling)
+    else:
+        session = ChatSession(ExportedModel(folder, threads=args.threads), system=args.system)
 
     def reply(text: str) -> None:
         result = session.send(text, sampling, args.max_new_tokens, on_text=_stream, slide=args.slide)
@@ -222,7 +244,7 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         reply(args.prompt)
         return 0
-    print(f"chatting with {session.model.manifest.model_name} ({folder}); /reset clears, /exit or Ctrl-D quits",
+    print(f"chatting with {session.manifest.model_name} ({folder}); /reset clears, /exit or Ctrl-D quits",
           file=sys.stderr)
     while True:
         try:
@@ -233,10 +255,27 @@ def run_chat(args: argparse.Namespace) -> int:
         if text.strip() in ("/exit", "/quit"):
             return 0
         if text.strip() == "/reset":
-            session = ChatSession(session.model, system=args.system)
+            session.reset()
             continue
         if text.strip():
             reply(text)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from ..compile import compile_export
+
+    only = None if args.part is None else [k - 1 for k in args.part]
+    manifest = compile_export(args.export, args.out, args.soc, simulator=not args.device_only,
+                              progress=not args.quiet, only=only)
+    if manifest is None:
+        return 0
+    c = manifest.compiled
+    binaries = ", ".join(f"{p['binary']} ({p['binary_bytes'] / 1e6:.1f} MB)" for p in c["parts"])
+    print(f"compiled {manifest.model_name} for {c['soc']} (soc_model {c['soc_model']}, v{c['htp_arch']}, QNN "
+          f"{c['qnn_sdk']}) in {c['seconds']:.0f} s: {binaries} -> {args.out}")
+    if not c["genie"].startswith("bundle"):
+        print(f"no Genie bundle: {c['genie']}", file=sys.stderr)
+    return 0
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -273,8 +312,8 @@ def _stream(text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"export": run_export, "quantize": run_quantize, "chat": run_chat, "bench": run_bench,
-                "evaluate": run_evaluate,
+    commands = {"export": run_export, "quantize": run_quantize, "compile": run_compile, "chat": run_chat,
+                "bench": run_bench, "evaluate": run_evaluate,
                 "synthesize": run_synthesize, "analyze": run_analyze}
     try:
         return commands[args.command](args)

@@ -33,9 +33,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         sources, tokens, window = _checkpoint(args, info)
     reference = "float" if "float" in sources and len(sources) > 1 else None
-    compare = (("exported", "simulated"),) if {"exported", "simulated"} <= set(sources) else ()
+    pairs = (("compiled", "exported"), ("compiled", "simulated"), ("exported", "simulated"))
+    compare = tuple(pair for pair in pairs if set(pair) <= set(sources))
     # Every window starts with the model's BOS, if it has one: quantized exports run every sequence after
-    # it (runtime.attention_sink), and all sources must see the same tokens.
+    # it (ondevice_llama.attention_sink), and all sources must see the same tokens.
     report = evaluate(sources, tokens, window, reference=reference, progress=not args.quiet, compare=compare,
                       bos=info.pop("bos_id"))
     print(f"{info['model_name']} on {args.text}:")
@@ -92,7 +93,18 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
             print(f"{quantized}: the export's quantized checkpoint is gone; no simulated model to compare with",
                   file=sys.stderr)
     info["float_checkpoint"] = float_checkpoint
-    sources["exported"] = exported_logits(ExportedModel(args.model, threads=args.threads))
+    if manifest.compiled is None:
+        sources["exported"] = exported_logits(ExportedModel(args.model, threads=args.threads))
+        return sources, tokens, window
+    # A compiled folder runs on QNN HTP; the export it was compiled from, on ONNX Runtime's CPU, beside it.
+    info["compiled"] = {k: manifest.compiled[k] for k in ("soc", "qnn_sdk", "export")}
+    export = Path(manifest.compiled["export"])
+    if export.exists():
+        sources["exported"] = exported_logits(ExportedModel(export, threads=args.threads))
+    else:
+        print(f"{export}: the export this folder was compiled from is gone; no ONNX Runtime CPU run to compare with",
+              file=sys.stderr)
+    sources["compiled"] = exported_logits(ExportedModel(args.model))
     return sources, tokens, window
 
 
