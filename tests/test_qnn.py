@@ -202,3 +202,14 @@ def test_graph_names_follow_the_path_hash():
     spellings = [graph_names.ranked_path(Path("/a/b/model.onnx"), k, 12) for k in range(12)]
     assert all(Path(s).resolve() == Path("/a/b/model.onnx") for s in spellings)
     assert graph_names.sorts_in_order([f"QNN_QNN_{graph_names.path_hash(s)}_1_0" for s in spellings])
+
+
+def test_compile_checks_memory_first(compiled):
+    from ondevice_llama.compile.compiler import check_compile_memory, compile_memory
+
+    export, _ = compiled
+    need = compile_memory(export, load_manifest(export))
+    assert 1.1e9 < need < 1.3e9  # a tiny model: the base, and little more
+    check_compile_memory(need, available=2 * need)
+    with pytest.raises(ValueError, match=r"compiling needs about 1\.\d GB .* --num-parts .* swap"):
+        check_compile_memory(need, available=need / 2)

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapt.rope import rotate
+from .config import LlamaConfig
+from .quantization.encodings import ActivationEncoding
+
 SINK_FILE = "attention_sink.npz"
+SINK_POSITION = -1  # where the graphs hold the sink: one position before a prompt's first token
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,16 @@ class AttentionSink:
         if shape is not None and not sink.keys.shape == sink.values.shape == tuple(shape):
             raise ValueError(f"{path}: keys {sink.keys.shape} and values {sink.values.shape}, the model needs {shape}")
         return sink
+
+    def cache_entries(self, config: LlamaConfig, layer: int, key_encoding: ActivationEncoding | None,
+                      value_encoding: ActivationEncoding | None) -> tuple[np.ndarray, np.ndarray]:
+        """The sink's key [kv_heads, head_dim, 1] (moved to `SINK_POSITION`) and value [kv_heads, 1, head_dim] as the
+        KV cache holds them: codes of its encodings, or float where the cache is not quantized. The exported
+        graphs and the simulated model take these same entries."""
+        key = rotate(config, self.keys[layer], SINK_POSITION)[:, :, None]
+        value = self.values[layer].astype(np.float32)[:, None, :]
+        return (key if key_encoding is None else key_encoding.quantize(key),
+                value if value_encoding is None else value_encoding.quantize(value))
 
     def with_sink(self, tokens: list[int]) -> list[int]:
         """`tokens` as the model sees them: starting with the sink token."""

@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--device-only", action="store_true",
                           help="skip the per-graph binaries that let QNN's x86_64 HTP simulator run the folder here "
                                "(halves the time)")
+    compile_.add_argument("--skip-memory-check", action="store_true",
+                          help="compile even when the estimated peak memory exceeds free RAM + swap")
     compile_.add_argument("--part", type=int, action="append", default=None, metavar="K",
                           help="compile only part K (repeatable) into the staging folder; a run without --part "
                                "finishes the folder, reusing the parts already compiled")
@@ -266,7 +268,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
     only = None if args.part is None else [k - 1 for k in args.part]
     manifest = compile_export(args.export, args.out, args.soc, simulator=not args.device_only,
-                              progress=not args.quiet, only=only)
+                              progress=not args.quiet, only=only, check_memory_first=not args.skip_memory_check)
     if manifest is None:
         return 0
     c = manifest.compiled

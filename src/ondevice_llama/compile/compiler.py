@@ -31,9 +31,10 @@ from typing import Any
 from tqdm import tqdm
 
 from .. import qnn
+from ..export.part_size import CONTEXT_OVERHEAD
 from ..files import fingerprint, replace_folder, sha256_file
 from ..manifest import MANIFEST_FILE, Manifest, PartManifest, load_manifest
-from ..memory import PeakRssSampler, release_free_memory
+from ..memory import PeakRssSampler, available_bytes, release_free_memory
 from ..staging import StagedParts, staging_folder
 from . import genie, graph_names
 
@@ -44,8 +45,33 @@ SIMULATOR_FOLDER = "simulator"  # the same graphs, a context binary each: what t
 SECONDS_PER_NODE = {"prompt_processor": 0.03, "token_generator": 0.01}
 
 
+# Peak RSS of compiling one part, as a line through two measured points (both graphs into the shared context,
+# the token generator last, which peaks): the default model's 163 MB context, 2.27 GB; the synthetic Llama-2-7B's
+# first 2 layers with its embedding and head, a 638 MB context, 5.92 GB. Slope and intercept rounded up.
+COMPILE_BASE_BYTES = 1.1e9
+COMPILE_BYTES_PER_CONTEXT_BYTE = 8.0
+
+
 class CompileError(ValueError):
     """A compile that cannot be done as asked; the message names the file or option."""
+
+
+def compile_memory(export: Path, manifest: Manifest) -> float:
+    """Estimated peak bytes: the largest part's context (its exported weights, as compiled) decides."""
+    largest = max((export / part.weights_file).stat().st_size for part in manifest.parts)
+    return COMPILE_BASE_BYTES + COMPILE_BYTES_PER_CONTEXT_BYTE * largest * CONTEXT_OVERHEAD
+
+
+def check_compile_memory(need: float, available: float | None = None) -> None:
+    available = available_bytes() if available is None else available
+    if need <= available:
+        return
+    swap = int((need - available) / 1e9) + 2
+    raise CompileError(f"compiling needs about {need / 1e9:.1f} GB at its peak (the largest part) but "
+                       f"{available / 1e9:.1f} GB of RAM + swap is available. To fit: export with more --num-parts "
+                       f"(smaller parts), or add {swap} GB of swap: sudo fallocate -l {swap}G /swapfile && sudo "
+                       "chmod 600 /swapfile && sudo mkswap /swapfile && sudo swapon /swapfile. "
+                       "(--skip-memory-check compiles anyway.)")
 
 
 def binary_name(part: int, parts: int) -> str:
@@ -218,7 +244,8 @@ def _compile_part(export: Path, staging: Path, manifest: Manifest, part: PartMan
 
 
 def _compiled_manifest(export: Path, manifest: Manifest, soc: qnn.Soc, records: list[dict[str, Any]],
-                       genie_note: str | None, simulator: bool, seconds: float, peak_rss: float) -> Manifest:
+                       genie_note: str | None, simulator: bool, seconds: float, peak_rss: float, need: float
+                       ) -> Manifest:
     parts = tuple(replace(part, weights_file=r["binary"], weights_sha256=r["binary_sha256"], encodings_file=None)
                   for part, r in zip(manifest.parts, records, strict=True))
     compiled = {"format": FORMAT, "export": str(export.resolve()), "soc": soc.name, "soc_model": soc.soc_model,
@@ -227,12 +254,14 @@ def _compiled_manifest(export: Path, manifest: Manifest, soc: qnn.Soc, records: 
                 "parts": [{k: v for k, v in r.items() if k != "binary_sha256"} for r in records],
                 "simulator": SIMULATOR_FOLDER if simulator else None,
                 "seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss / 1e9, 3),
+                "estimated_peak_rss_gb": round(need / 1e9, 3),
                 "genie": genie_note or f"bundle: {genie.CONFIG_FILE}, {genie.BACKEND_EXTENSIONS_FILE}"}
     return replace(manifest, parts=parts, compiled=compiled)
 
 
 def compile_export(export: Path | str, out: Path | str, soc_name: str, simulator: bool = True,
-                   progress: bool = True, only: list[int] | None = None) -> Manifest | None:
+                   progress: bool = True, only: list[int] | None = None, check_memory_first: bool = True
+                   ) -> Manifest | None:
     """Compile exported folder `export` for SoC `soc_name` into folder `out`; returns the compiled manifest.
 
     `simulator`: also write per-graph binaries the x86_64 HTP simulator can run (`chat --model OUT` here).
@@ -243,6 +272,9 @@ def compile_export(export: Path | str, out: Path | str, soc_name: str, simulator
     soc = qnn.soc_by_name(soc_name)
     manifest = _check_export(export)
     _check_out(out)
+    need = compile_memory(export, manifest)
+    if check_memory_first:
+        check_compile_memory(need)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(out)
     staged = StagedParts(staging, _compile_key(export, soc, simulator))
@@ -272,7 +304,7 @@ def compile_export(export: Path | str, out: Path | str, soc_name: str, simulator
                 shutil.copy2(export / file, staging / file)
         note = genie.unsupported(manifest)
         compiled = _compiled_manifest(export, manifest, soc, records, note, simulator, time.perf_counter() - start,
-                                      rss.peak_bytes)
+                                      rss.peak_bytes, need)
         if note is None:
             config = genie.genie_config(compiled, [r["binary"] for r in records], manifest.tokenizer_file)
             (staging / genie.CONFIG_FILE).write_text(json.dumps(config, indent=2))

@@ -43,7 +43,11 @@ def float_logits(checkpoint: Checkpoint | Path | str | None) -> LogitFn:
 
 def simulated_logits(checkpoint: Checkpoint | Path | str | None, quantized: QuantizedModel) -> LogitFn:
     """The reference on `quantized`'s integer weights (dequantized; the checkpoint's float tensors for the
-    rest) with activations fake-quantized to the recipe's encodings."""
+    rest) with activations fake-quantized to the recipe's encodings.
+
+    With an attention sink it computes what the exported graphs do: the sink's K/V, as the graphs hold them
+    (`AttentionSink.cache_entries`), in cache slot 0, and a window's tokens after it from RoPE position 0.
+    """
     import torch
 
     from ..model import build_reference
@@ -52,14 +56,36 @@ def simulated_logits(checkpoint: Checkpoint | Path | str | None, quantized: Quan
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
-    model = build_reference(checkpoint.config, QuantizedSource(checkpoint.tensors, quantized), torch.float32)
+    c = checkpoint.config
+    model = build_reference(c, QuantizedSource(checkpoint.tensors, quantized), torch.float32)
+    model.set_tap(FakeQuantTap(quantized.activations))
     sink = quantized.attention_sink
-    model.set_tap(FakeQuantTap(quantized.activations, float_first=sink is not None))
+    if sink is None:
+        def plain(tokens: list[int]) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.tensor([tokens], dtype=torch.long))[0].float().numpy()
+
+        return plain
+    entries = []
+    for layer in range(c.num_layers):
+        k, v = (quantized.activations.get(f"layers.{layer}.{tap}") for tap in ("k_rope", "v_cache"))
+        key, value = sink.cache_entries(c, layer, k, v)
+        key, value = (x if e is None else e.dequantize(x) for x, e in ((key, k), (value, v)))
+        entries.append((torch.from_numpy(key[:, :, 0]), torch.from_numpy(value[:, 0, :])))
 
     def logits(tokens: list[int]) -> np.ndarray:
-        ids = sink.with_sink(tokens) if sink is not None else list(tokens)  # as the export runs them
-        with torch.no_grad():
-            return model(torch.tensor([ids], dtype=torch.long))[0, len(ids) - len(tokens):].float().numpy()
+        ids = sink.with_sink(tokens)  # as the export runs them: the sink, then the rest
+        body = ids[1:]
+        rows = [sink.logits[None].astype(np.float32)]
+        if body:
+            model.setup_cache(len(body) + 1)
+            for layer, (key, value) in zip(model.layers, entries, strict=True):
+                layer.attention.kv_cache.k[0, :, 0], layer.attention.kv_cache.v[0, :, 0] = key, value
+            slots = torch.arange(1, len(body) + 1)
+            with torch.no_grad():
+                out = model(torch.tensor([body], dtype=torch.long), slots, slots - 1)[0].float().numpy()
+            rows.append(out)
+        return np.concatenate(rows)[len(ids) - len(tokens):]
 
     return logits
 

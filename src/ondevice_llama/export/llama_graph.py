@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..adapt import layout
-from ..adapt.rope import rotate
 from ..attention_sink import AttentionSink
 from ..config import LlamaConfig
 from ..loading import TensorSource
@@ -34,7 +33,6 @@ F32 = np.float32
 # the input's calibrated range near +-RMS_NORM_RANGE: accelerators that compute float operators in half precision
 # (QNN HTP) then neither overflow on the squares of large residual values nor lose small ones below float16's range.
 RMS_NORM_RANGE = 8.0
-SINK_POSITION = -1  # the baked attention sink sits one position before the first token
 
 
 @dataclass(frozen=True)
@@ -88,16 +86,6 @@ class LayerTensors:
 
     def release(self) -> None:
         self._cache.clear()
-
-
-def sink_entries(config: LlamaConfig, sink: AttentionSink, layer: int, key_encoding: ActivationEncoding | None,
-                 value_encoding: ActivationEncoding | None) -> tuple[np.ndarray, np.ndarray]:
-    """The sink's key [kv_heads, head_dim, 1] (moved to `SINK_POSITION`) and value [kv_heads, 1, head_dim], as the
-    KV cache holds them: codes of its encodings, or float where the cache is not quantized."""
-    key = rotate(config, sink.keys[layer], SINK_POSITION)[:, :, None]
-    value = sink.values[layer].astype(F32)[:, None, :]
-    return (key if key_encoding is None else key_encoding.quantize(key),
-            value if value_encoding is None else value_encoding.quantize(value))
 
 
 class PartGraphBuilder:
@@ -285,7 +273,7 @@ class PartGraphBuilder:
         values = g.make_reshape(f"{name}/past_value", values, [c.num_kv_heads, self.past, d])
         if self.sink is not None:
             k_enc, v_enc = self.encoding(tap + "k_rope"), self.encoding(tap + "v_cache")
-            sink_key, sink_value = sink_entries(c, self.sink, layer, k_enc, v_enc)
+            sink_key, sink_value = self.sink.cache_entries(c, layer, k_enc, v_enc)
             key = self.make_table(f"attention_sink.{layer}.key", lambda: sink_key, k_enc)
             value = self.make_table(f"attention_sink.{layer}.value", lambda: sink_value, v_enc)
             keys = self.qdq(tap + "k_rope", g.make_concat(f"{name}/sink_key", [key, keys], -1))
@@ -468,4 +456,4 @@ def build_part_graph(graph: Graph, config: LlamaConfig, source: TensorSource, pa
 
 
 __all__ = ["GraphOptions", "GraphQuantization", "LayerTensors", "PartGraphBuilder", "PartSpec",
-           "build_part_graph", "sink_entries"]
+           "build_part_graph"]

@@ -172,8 +172,12 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(batch, max_len, c.num_kv_heads, c.head_dim, dtype)
         self.max_len = max_len
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
-        """tokens: [B, T]. Without a cache, input_pos defaults to 0..T-1 and attention is causal."""
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, rope_positions: Tensor | None = None) -> Tensor:
+        """tokens: [B, T]. Without a cache, input_pos defaults to 0..T-1 and attention is causal.
+
+        `rope_positions` (default `input_pos`): the positions RoPE rotates by, where they differ from the cache
+        slots (a cache whose slot 0 holds the attention sink at position -1, as the exported graphs do).
+        """
         t = tokens.shape[1]
         if input_pos is None:
             input_pos = torch.arange(t)
@@ -182,7 +186,7 @@ class Transformer(nn.Module):
         allowed = key_pos[None, :] <= input_pos[:, None]
         dtype = self.embed_tokens.weight.dtype
         mask = torch.zeros(t, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        cos, sin = rope_cos_sin(self.config, input_pos)
+        cos, sin = rope_cos_sin(self.config, input_pos if rope_positions is None else rope_positions)
         cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.tap("embed", self.embed_tokens(tokens))
         cache_pos = input_pos if self.max_len else None
