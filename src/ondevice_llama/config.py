@@ -6,7 +6,7 @@ file names. It is plain Python so that the torch-free runtime can read it from a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -159,7 +159,13 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
+        """From `to_dict`'s output (a manifest, a quantized checkpoint); a mistyped number is a ValueError."""
         data = dict(data)
+        for f in fields(cls):
+            if f.name in data and f.type in ("int", "float"):
+                data[f.name] = _number(data, f.name, int if f.type == "int" else float)
+        if not isinstance(data.get("tie_word_embeddings", False), bool):
+            raise ValueError(f"tie_word_embeddings must be true or false, got {data['tie_word_embeddings']!r}")
         data["rope_scaling"] = RopeScaling(**data.get("rope_scaling", {}))
         return cls(**data)
 
@@ -234,5 +240,8 @@ class SpecialTokens:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpecialTokens:
         data = dict(data)
+        ids = [data.get("bos_id"), *data["eos_ids"]] if isinstance(data["eos_ids"], list | tuple) else None
+        if ids is None or not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
+            raise ValueError("bos_id and eos_ids must be token ids")
         data["eos_ids"] = tuple(data["eos_ids"])
         return cls(**data)

@@ -9,8 +9,8 @@ from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
-from ..files import cache_root, fingerprint
-from ..manifest import FORMAT_VERSION, ManifestError, load_manifest
+from ..files import cache_root, fingerprint, folder_lock
+from ..manifest import FORMAT_VERSION, ManifestError, load_manifest, verify_checksums
 
 
 def cached_export(checkpoint_path: Path | None, options) -> Path:
@@ -24,11 +24,21 @@ def cached_export(checkpoint_path: Path | None, options) -> Path:
     key = json.dumps([fingerprint(path), asdict(options), FORMAT_VERSION, version("ondevice-llama")], sort_keys=True,
                      default=str)
     folder = cache_root() / "exports" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    try:
-        load_manifest(folder)
-        return folder
-    except ManifestError:
-        pass
-    print(f"exporting {path.name} once into {folder} (reused next time)", file=sys.stderr)
-    export_model(open_checkpoint(path), folder, options)
+    with folder_lock(folder):  # a second first-use chat waits for this export, then reuses it
+        if _intact(folder):
+            return folder
+        print(f"exporting {path.name} once into {folder} (reused next time)", file=sys.stderr)
+        export_model(open_checkpoint(path), folder, options)
     return folder
+
+
+def _intact(folder: Path) -> bool:
+    """Whether `folder` holds a complete export whose files match their checksums (a damaged one is redone)."""
+    if not folder.exists():
+        return False
+    try:
+        verify_checksums(folder, load_manifest(folder))
+    except ManifestError as e:
+        print(f"{e}; exporting again", file=sys.stderr)
+        return False
+    return True

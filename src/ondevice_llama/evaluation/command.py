@@ -52,22 +52,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
     """Sources of an exported folder: the export itself, plus the float checkpoint it came from if still there."""
-    from tokenizers import Tokenizer
-
-    from ..manifest import load_manifest
     from ..runtime import ExportedModel
     from .sources import exported_logits, float_logits, require_all_logits
 
-    manifest = load_manifest(args.model)
     require_all_logits(args.model)
+    model = ExportedModel(args.model, threads=args.threads)  # checks every file before anything is measured
+    manifest = model.manifest
     window = min(args.context_length, manifest.context_length)
     info |= {"kind": "exported", "model_name": manifest.model_name,
              "export": {"target": manifest.target, "precision": manifest.precision,
                         "sequence_length": manifest.sequence_length, "context_length": manifest.context_length,
                         "parts": len(manifest.parts), "source": manifest.source}}
     info["bos_id"] = manifest.special_tokens.bos_id
-    tokenizer = Tokenizer.from_file(str(args.model / manifest.tokenizer_file))
-    tokens = load_text_tokens(args.text, tokenizer, args.max_tokens)
+    tokens = load_text_tokens(args.text, model.tokenizer, args.max_tokens)
     sources: dict[str, LogitFn] = {}
     float_checkpoint = None
     if args.no_float:
@@ -92,7 +89,7 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
             print(f"{quantized}: the export's quantized checkpoint is gone; no simulated model to compare with",
                   file=sys.stderr)
     info["float_checkpoint"] = float_checkpoint
-    sources["exported"] = exported_logits(ExportedModel(args.model, threads=args.threads))
+    sources["exported"] = exported_logits(model)
     return sources, tokens, window
 
 

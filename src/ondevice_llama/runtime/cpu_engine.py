@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from ..adapt import layout
 from ..manifest import Manifest
+from .sessions import open_session
 
 DECODER = "decoder"
 
@@ -36,7 +37,7 @@ class CpuKVCache:
 class CpuEngine:
     def __init__(self, folder: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str]):
         self.manifest = manifest
-        self.sessions = [ort.InferenceSession(str(folder / part.graphs[DECODER].file), options, providers=providers)
+        self.sessions = [open_session(folder / part.graphs[DECODER].file, options, providers, part.graphs[DECODER])
                          for part in manifest.parts]
 
     def new_cache(self) -> CpuKVCache:

@@ -14,10 +14,11 @@ from tokenizers import Tokenizer
 from ..adapt import layout
 from ..adapt.mask import chunk_mask
 from ..adapt.rope import rope_tables
-from ..manifest import GraphManifest, Manifest, load_manifest
+from ..manifest import GraphManifest, Manifest, load_manifest, verify_checksums
 from .attention_sink import AttentionSink
 from .cpu_engine import CpuEngine
 from .kv_cache import KVCache
+from .sessions import open_session
 
 PROMPT_PROCESSOR = "prompt_processor"
 TOKEN_GENERATOR = "token_generator"
@@ -44,6 +45,7 @@ class ExportedModel:
     def __init__(self, folder: Path | str, threads: int | None = None, providers: list[str] | None = None):
         self.folder = Path(folder)
         self.manifest: Manifest = load_manifest(self.folder)
+        verify_checksums(self.folder, self.manifest)
         self.config = self.manifest.config
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer_file))
         engine = CpuEngine if self.manifest.target == "cpu" else NpuEngine
@@ -51,8 +53,8 @@ class ExportedModel:
                              providers or ["CPUExecutionProvider"])
         sink_file = self.manifest.attention_sink_file
         c = self.config
-        self.attention_sink = (AttentionSink.load(self.folder / sink_file, (c.num_layers, c.num_kv_heads, c.head_dim))
-                               if sink_file else None)
+        self.attention_sink = (AttentionSink.load(self.folder / sink_file, (c.num_layers, c.num_kv_heads, c.head_dim),
+                                                  c.vocab_size) if sink_file else None)
         # Tokens every cache starts with: the attention sink's, precomputed (empty without one).
         self.prefix: list[int] = [self.attention_sink.token] if self.attention_sink else []
 
@@ -117,7 +119,7 @@ class NpuEngine:
         self.manifest = manifest
         self.config = manifest.config
         self.sessions: dict[str, list[ort.InferenceSession]] = {
-            kind: [ort.InferenceSession(str(folder / part.graphs[kind].file), options, providers=providers)
+            kind: [open_session(folder / part.graphs[kind].file, options, providers, part.graphs[kind])
                    for part in manifest.parts]
             for kind in (PROMPT_PROCESSOR, TOKEN_GENERATOR)
         }
