@@ -6,6 +6,7 @@ file names. It is plain Python so that the torch-free runtime can read it from a
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -58,11 +59,13 @@ def _number(data: dict[str, Any], key: str, kind: type, default: Any = None, whe
         raise ValueError(f"{where}{key} is missing")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{where}{key} must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, or a JSON number too large (inf)
+        raise ValueError(f"{where}{key} must be finite, got {value!r}")
     if kind is int:
         if value != int(value):
             raise ValueError(f"{where}{key} must be a whole number, got {value!r}")
         return int(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if abs(value) > 1e300:  # a JSON integer too large for a float
         raise ValueError(f"{where}{key} must be finite, got {value!r}")
     return float(value)
 
@@ -124,7 +127,8 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.head_dim == 0:

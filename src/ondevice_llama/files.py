@@ -78,11 +78,18 @@ def read_json(path: Path | str, what: str, error: type[FileError] = FileError) -
     return parse_json(raw, path, what, error)
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (for messages)."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def read_json_object(path: Path | str, what: str, error: type[FileError] = FileError) -> dict[str, Any]:
     """`read_json`, refusing anything but a JSON object."""
     data = read_json(path, what, error)
     if not isinstance(data, dict):
-        raise error(path, f"the {what} must be a JSON object, not a {type(data).__name__}")
+        raise error(path, f"the {what} must be a JSON object, not {json_type(data)}")
     return data
 
 

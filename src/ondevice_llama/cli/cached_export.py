@@ -27,8 +27,9 @@ def cached_export(checkpoint_path: Path | None, options) -> Path:
     with folder_lock(folder):  # a second first-use chat waits for this export, then reuses it
         if _intact(folder):
             return folder
+        checkpoint = open_checkpoint(path)  # a bad checkpoint is reported before anything is said
         print(f"exporting {path.name} once into {folder} (reused next time)", file=sys.stderr)
-        export_model(open_checkpoint(path), folder, options)
+        export_model(checkpoint, folder, options)
     return folder
 
 

@@ -21,9 +21,9 @@ from .text import load_text_tokens
 
 def run_evaluate(args: argparse.Namespace) -> int:
     if args.context_length < 2:
-        raise ValueError(f"--context-length must be at least 2, got {args.context_length}")
+        raise ValueError(f"--context-length: must be at least 2, got {args.context_length}")
     if args.max_tokens < 2:
-        raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+        raise ValueError(f"--max-tokens: must be at least 2, got {args.max_tokens}")
     model_path: Path = args.model
     info: dict[str, Any] = {"model": str(model_path)}
     if model_path.is_dir() and (model_path / MANIFEST_FILE).exists():

@@ -77,7 +77,7 @@ def default_context_length(config: LlamaConfig) -> int:
 def plan_parts(num_layers: int, num_parts: int) -> list[PartSpec]:
     """Layers split as evenly as possible; earlier parts take the extra layer."""
     if not 1 <= num_parts <= num_layers:
-        raise ValueError(f"--num-parts must be between 1 and the number of layers ({num_layers}), got {num_parts}")
+        raise ValueError(f"--num-parts: must be between 1 and the number of layers ({num_layers}), got {num_parts}")
     base, extra = divmod(num_layers, num_parts)
     parts, start = [], 0
     for k in range(num_parts):
@@ -90,30 +90,30 @@ def plan_parts(num_layers: int, num_parts: int) -> list[PartSpec]:
 def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOptions:
     """The options with every default filled in, checked against the model."""
     if options.target not in TARGETS:
-        raise ValueError(f"--target must be one of {TARGETS}, got {options.target!r}")
+        raise ValueError(f"--target: must be one of {TARGETS}, got {options.target!r}")
     precision = options.precision or DEFAULT_PRECISION[options.target]
     if precision not in PRECISIONS[options.target]:
-        raise ValueError(f"--precision {precision} is not supported for the {options.target} target "
+        raise ValueError(f"--precision: {precision} is not supported for the {options.target} target "
                          f"(supported: {', '.join(PRECISIONS[options.target])})")
     quantized = precision not in ("fp32", "fp16")
     if quantized and options.block_size is None and options.target == "cpu":
         raise ValueError("--block-size: the cpu target needs a block size (32, 64 or 128)")
     if quantized and options.block_size and (config.hidden_size % options.block_size
                                              or config.intermediate_size % options.block_size):
-        raise ValueError(f"--block-size {options.block_size} does not divide the hidden size {config.hidden_size} "
+        raise ValueError(f"--block-size: {options.block_size} does not divide the hidden size {config.hidden_size} "
                          f"and the intermediate size {config.intermediate_size}")
     if options.target == "cpu" and (options.recipe or options.quantized or options.algorithm):
-        raise ValueError("--recipe, --quantized and --algorithm apply to the npu target's quantized precisions")
+        raise ValueError("--recipe, --quantized, --algorithm: these apply to the npu target's quantized precisions")
     parts = default_num_parts(config) if options.num_parts is None else options.num_parts
     context = default_context_length(config) if options.context_length is None else options.context_length
     if options.sequence_length < 1:
-        raise ValueError(f"--sequence-length must be positive, got {options.sequence_length}")
+        raise ValueError(f"--sequence-length: must be positive, got {options.sequence_length}")
     if context < 2:
-        raise ValueError(f"--context-length must be at least 2, got {context}")
+        raise ValueError(f"--context-length: must be at least 2, got {context}")
     if options.target == "npu" and context <= options.sequence_length:
-        raise ValueError(f"--context-length ({context}) must exceed --sequence-length ({options.sequence_length})")
+        raise ValueError(f"--context-length: {context} must exceed --sequence-length {options.sequence_length}")
     if context > config.max_position_embeddings:
-        raise ValueError(f"--context-length {context} exceeds the model's maximum "
+        raise ValueError(f"--context-length: {context} exceeds the model's maximum "
                          f"{config.max_position_embeddings}")
     plan_parts(config.num_layers, parts)  # checks the part count
     return replace(options, num_parts=parts, context_length=context, precision=precision)

@@ -109,7 +109,7 @@ class GGUFFile:
             self.alignment = self._alignment()
             infos = self._tensor_infos(cursor)
             data_start = _align(cursor.pos, self.alignment)
-        self.tensors = {t.name: t for t in self._place(infos, data_start, size)}
+            self.tensors = {t.name: t for t in self._place(infos, data_start, size, buf)}
 
     # ---- parsing
 
@@ -153,13 +153,13 @@ class GGUFFile:
             name = cursor.string(f"the name of tensor {i}")
             n_dims = cursor.scalar("I", f"tensor {name}")
             if not 1 <= n_dims <= MAX_DIMS:
-                raise CheckpointError(self.path, f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+                raise CheckpointError(self.path, f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
             cursor.need(n_dims * 8, f"tensor {name}")
             dims = tuple(cursor.scalar("Q", f"tensor {name}") for _ in range(n_dims))
             infos.append((name, cursor.scalar("I", f"tensor {name}"), dims, cursor.scalar("Q", f"tensor {name}")))
         return infos
 
-    def _place(self, infos: list, data_start: int, size: int) -> list[GGUFTensor]:
+    def _place(self, infos: list, data_start: int, size: int, buf: mmap.mmap) -> list[GGUFTensor]:
         """Tensors with checked types and shapes, which must tile the data as GGUF writers lay it out."""
         tensors = [self._tensor(name, code, dims, data_start + offset) for name, code, dims, offset in infos]
         if len({t.name for t in tensors}) != len(tensors):
@@ -174,10 +174,12 @@ class GGUFFile:
                 raise CheckpointError(self.path, f"tensor {t.name} at offset {t.offset - data_start} {problem} "
                                                  f"(expected {expected - data_start}; a changed type or offset?)")
             end = t.offset + t.n_bytes
+        tail = buf[end:end + self.alignment] if end <= size else b""
         if end > size:
             raise CheckpointError(self.path, f"truncated GGUF file: the tensors need {end} bytes, the file has {size}")
-        if size - end >= self.alignment:
-            raise CheckpointError(self.path, f"{size - end} bytes after the last tensor (a changed type or size?)")
+        if size not in (end, _align(end, self.alignment)) or any(tail):
+            raise CheckpointError(self.path, f"{size - end} bytes after the last tensor, where at most its padding "
+                                             f"may be (a changed type or size, or bytes added?)")
         return tensors
 
     def _tensor(self, name: str, code: int, dims: tuple[int, ...], offset: int) -> GGUFTensor:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..files import parse_json
+from ..files import json_type, parse_json
 from .errors import CheckpointError
 
 DTYPES = {
@@ -59,7 +59,7 @@ class SafetensorsFile:
                 raise CheckpointError(path, f"header length {header_len} exceeds the file size {size}")
             header = parse_json(f.read(header_len), path, "safetensors header", CheckpointError)
         if not isinstance(header, dict):
-            raise CheckpointError(path, f"the safetensors header must be a JSON object, not a {type(header).__name__}")
+            raise CheckpointError(path, f"the safetensors header must be a JSON object, not {json_type(header)}")
         metadata = header.pop("__metadata__", {})
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise CheckpointError(path, "__metadata__ must be an object of strings")
