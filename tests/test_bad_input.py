@@ -869,6 +869,50 @@ def _(good, tmp, patch):
         str(folder / "config.json")
 
 
+@case("chat-checkpoint-bad-tokenizer")
+def _(good, tmp, patch):
+    folder = copy(good.hf, tmp)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": "b"}}}')
+    patch.setenv("ONDEVICE_LLAMA_CACHE", str(tmp / "cache"))
+    return ["chat", "--checkpoint", str(folder), "--prompt", "hi", "--context-length", "32"], \
+        str(folder / "tokenizer.json")
+
+
+def _quantized_dir_case(content: bytes | None) -> Callable:
+    def make(good: Good, tmp: Path, patch) -> tuple[list[str], str]:
+        folder = tmp / "q"
+        folder.mkdir()
+        if content is not None:
+            (folder / "quantization.json").write_bytes(content)
+        argv = ["export", "--checkpoint", str(good.hf), "--out", str(tmp / "out"), "--precision", "w4a16",
+                "--quantized", str(folder), "--sequence-length", "8", "--context-length", "32", "--quiet"]
+        return argv, str(folder / "quantization.json")
+    return make
+
+
+QUANTIZED_DIRS = {
+    "empty": None, "list": b"[]", "not-utf8": b'{"format": "\xff"}',
+    "malformed": b'{"format": "ondevice-llama-quantized", "format_version": 4, "config": {"hidden_size": "64"}}',
+}
+for _id, _content in QUANTIZED_DIRS.items():
+    case(f"quantized-dir-{_id}")(_quantized_dir_case(_content))
+
+
+@case("quantized-dir-weights-outside")
+def _(good, tmp, patch):
+    """A real quantized checkpoint whose index points a weight outside its folder."""
+    source = Path(json.loads((good.quantized / "manifest.json").read_text())["extra"]["quantization"]
+                  ["quantized_checkpoint"])
+    folder = copy(source, tmp, "q")
+    meta = json.loads((folder / "quantization.json").read_text())
+    first = next(iter(meta["weights"]))
+    meta["weights"][first]["file"] = "../" + meta["weights"][first]["file"]
+    (folder / "quantization.json").write_text(json.dumps(meta))
+    argv = ["export", "--checkpoint", str(good.hf), "--out", str(tmp / "out"), "--precision", "w4a16",
+            "--quantized", str(folder), "--sequence-length", "8", "--context-length", "32", "--quiet"]
+    return argv, str(folder / "quantization.json")
+
+
 @case("process-config-list", subprocess=True)
 def _(good, tmp, patch):
     return _config_case(b"[]")(good, tmp, patch)

@@ -19,11 +19,7 @@ def cached_export(checkpoint_path: Path | None, options) -> Path:
     from ..loading import default_checkpoint_path, open_checkpoint
 
     path = (checkpoint_path or default_checkpoint_path()).resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    key = json.dumps([fingerprint(path), asdict(options), FORMAT_VERSION, version("ondevice-llama")], sort_keys=True,
-                     default=str)
-    folder = cache_root() / "exports" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    folder = cache_folder(path, options)
     with folder_lock(folder):  # a second first-use chat waits for this export, then reuses it
         if _intact(folder):
             return folder
@@ -31,6 +27,15 @@ def cached_export(checkpoint_path: Path | None, options) -> Path:
         print(f"exporting {path.name} once into {folder} (reused next time)", file=sys.stderr)
         export_model(checkpoint, folder, options)
     return folder
+
+
+def cache_folder(path: Path, options) -> Path:
+    """Where the export of checkpoint `path` with `options` is cached: a key of the file(s) and the options."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    key = json.dumps([fingerprint(path), asdict(options), FORMAT_VERSION, version("ondevice-llama")], sort_keys=True,
+                     default=str)
+    return cache_root() / "exports" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def _intact(folder: Path) -> bool:
