@@ -147,9 +147,12 @@ def test_a_folder_moved_aside_by_a_killed_rename_is_put_back(tmp_path):
     (tmp_path / ".model.old-abcd1234" / "manifest.json").write_text("{}")
     (tmp_path / ".other.old-abcd1234").mkdir()
     (tmp_path / "other").mkdir()  # its replacement did arrive: the old one is only a leftover
+    for name in ("model", "other"):  # what a killed writer leaves: its lock file, unlocked
+        (tmp_path / f".{name}.lock").write_text("12345")
+    (tmp_path / ".notes.old-20240101").mkdir()  # a folder of the user's that merely looks like ours: no lock file
     remove_stale_staging(tmp_path)
     assert (tmp_path / "model" / "manifest.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.old-20240101", "model", "other"]
 
 
 def test_a_busy_folder_with_a_timeout_is_one_error_line(tmp_path):

@@ -16,6 +16,9 @@ from ondevice_llama.manifest import load_manifest
 from ondevice_llama.quantization.calibration import builtin_sequences, pack_sequences
 from ondevice_llama.quantization.quantize_model import QuantizedModel, quantize_model
 from ondevice_llama.quantization.recipe import Recipe
+from ondevice_llama.runtime.attention_sink import SINK_FILE
+
+from .tiny_files import restamp
 
 C, N = 64, 8
 
@@ -172,8 +175,12 @@ def test_a_broken_sink_file_is_named(tiny_checkpoints, tmp_path):
     with np.load(sink) as data:
         arrays = dict(data)
     np.savez(sink, **(arrays | {"keys": arrays["keys"][:-1]}))
+    with pytest.raises(ValueError, match="attention_sink.npz: .* bytes, the export wrote"):  # the size check
+        ExportedModel(tmp_path / "e")
+    restamp(tmp_path / "e", SINK_FILE)  # as if exported so: the sink's own checks
     with pytest.raises(ValueError, match="attention_sink.npz: keys"):
         ExportedModel(tmp_path / "e")
     sink.write_bytes(b"not a zip")
+    restamp(tmp_path / "e", SINK_FILE)
     with pytest.raises(ValueError, match="attention_sink.npz: not an attention sink file"):
         ExportedModel(tmp_path / "e")

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -239,26 +240,22 @@ def naming_write_errors(folder: Path) -> Iterator[None]:
 # ---------------------------------------------------------------- staging folders
 
 STAGING_MARK, OLD_MARK = ".partial-", ".old-"
-
-
-def _stale_owner(leftover: Path) -> tuple[Path, str] | None:
-    """(the folder it was for, its kind) for `.NAME.partial-XXXX` and `.NAME.old-XXXX`, else None."""
-    for mark in (STAGING_MARK, OLD_MARK):
-        if leftover.name.startswith(".") and mark in leftover.name:
-            return leftover.with_name(leftover.name[1:].rsplit(mark, 1)[0]), mark
-    return None
+# .NAME.partial-XXXXXXXX (make_staging_folder) and .NAME.old-XXXXXXXX (replace_folder; XXXXXXXX: mkdtemp's suffix,
+# or ".partial" after the exporter's own staging folder)
+_LEFTOVER = re.compile(r"\.(?P<name>.+)(?P<mark>\.partial-|\.old-)(?:[a-z0-9_]{8}|\.partial)")
 
 
 def remove_stale_staging(parent: Path, own: Path | None = None) -> None:
     """Delete the staging folders in `parent` that no live process is writing: a killed export or quantization
-    leaves them behind (gigabytes at 7B). A writer holds its destination's lock, so a leftover whose lock is
-    free is stale; `own` is a destination the caller holds the lock for. A `.old-` folder whose destination is
-    missing (killed mid-rename) is put back."""
+    leaves them behind (gigabytes at 7B). A writer holds its destination's lock, so a leftover whose lock file is
+    there (its writer was killed before deleting it) but free is stale; `own` is a destination the caller holds
+    the lock for. Folders of our names without a lock file are not ours to judge and stay. A `.old-` folder
+    whose destination is missing (killed mid-rename) is put back."""
     for leftover in sorted(Path(parent).resolve().glob(".*.*-*")):
-        found = _stale_owner(leftover)
-        if found is None or not leftover.is_dir():
+        match = _LEFTOVER.fullmatch(leftover.name)
+        if match is None or not leftover.is_dir():
             continue
-        folder, mark = found
+        folder, mark = leftover.with_name(match["name"]), match["mark"]
         if own is not None and folder == _canonical(own):
             _discard(leftover, folder, mark)
             continue
@@ -266,8 +263,7 @@ def remove_stale_staging(parent: Path, own: Path | None = None) -> None:
         with _held_guard:
             if str(path) in _held:  # this process is writing it
                 continue
-        fd = _try_flock(path)
-        if fd is None:
+        if not path.exists() or (fd := _try_flock(path)) is None:
             continue
         try:
             _discard(leftover, folder, mark)

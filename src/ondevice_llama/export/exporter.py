@@ -22,7 +22,7 @@ import onnx
 from tqdm import tqdm
 
 from ..config import LlamaConfig
-from ..files import fingerprint, folder_lock, read_json_object, replace_folder, sha256_file
+from ..files import fingerprint, folder_lock, read_json_object, remove_stale_staging, replace_folder, sha256_file
 from ..loading import Checkpoint
 from ..manifest import MANIFEST_FILE, FileRecord, GraphManifest, Manifest, PartManifest, TensorSpec
 from ..memory import PeakRssSampler, release_free_memory
@@ -302,6 +302,7 @@ def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions
 def _export_locked(checkpoint: Checkpoint, out: Path, options: ExportOptions, progress: bool,
                    check_memory_first: bool) -> Manifest:
     """`export_model` while holding the lock on `out`: no other process writes it or its staging folder."""
+    remove_stale_staging(out.parent, own=out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is a file; choose another --out")
     if out.exists() and not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
