@@ -189,7 +189,6 @@ def folder_lock(folder: Path | str, timeout: float | None = None) -> Iterator[No
         entry = _held.get(str(path))
         if entry is not None and entry[0] == me:
             entry[2] += 1
-            fd = None
         else:
             entry = None
     if entry is None:
