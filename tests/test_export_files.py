@@ -20,7 +20,7 @@ from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.loading.names import LAYER_TENSORS
 from ondevice_llama.loading.synthetic import write_synthetic_checkpoint
-from ondevice_llama.manifest import ManifestError, load_manifest
+from ondevice_llama.manifest import ManifestError, load_manifest, verify_checksums
 
 # Wide enough that page-alignment padding stays well under 5% of a part's weights.
 CONFIG = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
@@ -424,3 +424,70 @@ def test_changed_options_do_not_resume(checkpoint_dir, tmp_path, monkeypatch):
         calls = _count_parts(patch)
         export_model(checkpoint, tmp_path / "m", replace(OPTIONS, sequence_length=4), progress=False)
     assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("shape", ["[]", '{"key": KEY, "parts": 5}', '{"key": KEY, "parts": [{"part": []}]}',
+                                   '{"key": KEY, "parts": [{"part": PART, "sha256": []}]}',
+                                   '{"key": KEY, "parts": [{"part": PART}]}', "not json"])
+def test_progress_of_the_wrong_shape_counts_as_absent(checkpoint_dir, tmp_path, monkeypatch, shape):
+    """A damaged progress.json in the staging folder: the export starts over instead of raising every time."""
+    from ondevice_llama.export.exporter import PROGRESS_FILE, staging_folder
+
+    checkpoint = open_checkpoint(checkpoint_dir)
+    out = tmp_path / "model"
+    with monkeypatch.context() as patch:
+        _stop_at_second_part(patch)
+        with pytest.raises(KeyboardInterrupt):
+            export_model(checkpoint, out, OPTIONS, progress=False)
+    progress = staging_folder(out) / PROGRESS_FILE
+    real = json.loads(progress.read_text())
+    progress.write_text(shape.replace("KEY", json.dumps(real["key"])).replace("PART", json.dumps(real["parts"][0]
+                                                                                                 ["part"])))
+    with monkeypatch.context() as patch:
+        calls = _count_parts(patch)
+        export_model(checkpoint, out, OPTIONS, progress=False)
+    assert calls == [0, 1]
+    assert load_manifest(out).parts[0].weights_sha256 == real["parts"][0]["part"]["weights_sha256"]
+
+
+def test_quiet_still_says_it_resumes(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "model"
+    argv = ["export", "--checkpoint", str(checkpoint_dir), "--out", str(out), "--num-parts", "2",
+            "--precision", "fp32", *SMALL_ARGS]
+    with monkeypatch.context() as patch:
+        _stop_at_second_part(patch)
+        assert main(argv) == 130
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "resuming the export" in err and "part(s) 1 already done and verified" in err
+
+
+def test_a_damaged_cached_export_is_exported_again(checkpoint_dir, tmp_path, monkeypatch, capsys):
+    """The chat's export cache: a cached export whose weights were damaged is not reused silently."""
+    monkeypatch.setenv("ONDEVICE_LLAMA_CACHE", str(tmp_path / "cache"))
+    chat = ["chat", "--checkpoint", str(checkpoint_dir), "--prompt", "hi", "--max-new-tokens", "3",
+            "--context-length", "32"]
+    assert main(chat) == 0
+    first = capsys.readouterr()
+    (folder,) = (tmp_path / "cache" / "exports").iterdir()
+    weights = folder / "weights_part1.bin"
+    weights.write_bytes(bytes(b ^ 1 for b in weights.read_bytes()[:4096]) + weights.read_bytes()[4096:])
+    assert main(chat) == 0
+    again = capsys.readouterr()
+    assert "does not match the sha256" in again.err and "exporting again" in again.err
+    assert again.out == first.out
+    verify_checksums(folder, load_manifest(folder))
+
+
+def test_a_damaged_cached_quantized_checkpoint_is_made_again(checkpoint, tmp_path, monkeypatch, capsys):
+    from ondevice_llama.files import cache_root
+
+    monkeypatch.setenv("ONDEVICE_LLAMA_CACHE", str(tmp_path / "cache"))
+    options = replace(OPTIONS, precision="w4a16", algorithm="rtn", num_parts=1)
+    export_model(checkpoint, tmp_path / "a", options, progress=False)
+    (quantized,) = (cache_root() / "quantized").iterdir()
+    (quantized / "quantization.json").write_text("[]")
+    manifest = export_model(checkpoint, tmp_path / "b", options, progress=True)
+    assert "quantizing again" in capsys.readouterr().err
+    assert manifest.parts == load_manifest(tmp_path / "a").parts

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
+from ondevice_llama.attention_sink import SINK_FILE
 from ondevice_llama.evaluation import evaluate, exported_logits, simulated_logits
 from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
@@ -16,6 +17,8 @@ from ondevice_llama.manifest import load_manifest
 from ondevice_llama.quantization.calibration import builtin_sequences, pack_sequences
 from ondevice_llama.quantization.quantize_model import QuantizedModel, quantize_model
 from ondevice_llama.quantization.recipe import Recipe
+
+from .tiny_files import restamp
 
 C, N = 64, 8
 
@@ -183,8 +186,12 @@ def test_a_broken_sink_file_is_named(tiny_checkpoints, tmp_path):
     with np.load(sink) as data:
         arrays = dict(data)
     np.savez(sink, **(arrays | {"keys": arrays["keys"][:-1]}))
+    with pytest.raises(ValueError, match="attention_sink.npz: .* bytes, the export wrote"):  # the size check
+        ExportedModel(tmp_path / "e")
+    restamp(tmp_path / "e", SINK_FILE)  # as if exported so: the sink's own checks
     with pytest.raises(ValueError, match="attention_sink.npz: keys"):
         ExportedModel(tmp_path / "e")
     sink.write_bytes(b"not a zip")
+    restamp(tmp_path / "e", SINK_FILE)
     with pytest.raises(ValueError, match="attention_sink.npz: not an attention sink file"):
         ExportedModel(tmp_path / "e")

@@ -15,7 +15,7 @@ from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.loading.tokenizer import tokenizer_from_hf_folder
 from ondevice_llama.model import load_reference
-from ondevice_llama.runtime import ChatSession, ExportedModel, Generator, Sampler, SamplingConfig
+from ondevice_llama.runtime import ChatSession, ContextFullError, ExportedModel, Generator, Sampler, SamplingConfig
 from ondevice_llama.runtime.detokenizer import IncrementalDetokenizer
 
 from .conftest import SHARED
@@ -95,7 +95,7 @@ def test_context_full_ends_the_reply_or_slides(model):
     slid = Generator(model).generate(prompt, max_new_tokens=25, slide=True)
     assert slid.stop_reason == "max_new_tokens" and len(slid.token_ids) == 25
     assert slid.token_ids[:len(full.token_ids)] == full.token_ids  # sliding starts only at the limit
-    with pytest.raises(ValueError, match="context length"):
+    with pytest.raises(ContextFullError, match="context length"):
         Generator(model).generate(list(range(C)), max_new_tokens=1)
 
 

@@ -192,7 +192,7 @@ def test_bad_input_gives_one_line_errors(tiny_preset, tmp_path, capsys):
     assert "bad.model: not a readable SentencePiece tokenizer.model (--tokenizer)" in err
     assert "no such file (--tokenizer)" in one_line_error(
         capsys, ["synthesize", "--config", tiny_preset, "--out", out, "--tokenizer", str(tmp_path / "none.json")])
-    assert "--layers must be at least 1" in one_line_error(
+    assert "--layers: must be at least 1" in one_line_error(
         capsys, ["synthesize", "--config", tiny_preset, "--out", out, "--layers", "0"])
     assert not (tmp_path / "m").exists() and (tmp_path / "busy/notes.txt").exists()
 

@@ -11,6 +11,7 @@ import pytest
 import sentencepiece
 
 from ondevice_llama.config import SpecialTokens
+from ondevice_llama.loading.gguf_file import GGUFFile
 from ondevice_llama.loading.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_folder
 
 LLAMA2_MODEL = Path(__file__).resolve().parents[2] / "shared/data/llama2-tokenizer/tokenizer.model"
@@ -56,7 +57,7 @@ def llama2_sp() -> sentencepiece.SentencePieceProcessor:
 @pytest.fixture(scope="module")
 def smollm2() -> tuple:
     path = _smollm2_gguf()
-    return tokenizer_from_gguf(gguf.GGUFReader(path), path)
+    return tokenizer_from_gguf(GGUFFile(path))
 
 
 def test_llama2_tokenizer_model_matches_sentencepiece(llama2_sp):
@@ -94,7 +95,7 @@ def _write_tokenizer_gguf(path: Path, model: str, sp: sentencepiece.SentencePiec
 def test_llama_gguf_tokenizer_matches_sentencepiece(llama2_sp, tmp_path):
     path = tmp_path / "llama2-tokenizer.gguf"
     _write_tokenizer_gguf(path, "llama", llama2_sp)
-    tokenizer, special, template = tokenizer_from_gguf(gguf.GGUFReader(path), path)
+    tokenizer, special, template = tokenizer_from_gguf(GGUFFile(path))
     for text in TEXTS:
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         assert ids == llama2_sp.encode(text), text
@@ -153,5 +154,5 @@ def test_unknown_gguf_tokenizer_model_is_an_error(tmp_path):
     path = tmp_path / "bert.gguf"
     _write_tokenizer_gguf(path, "bert")
     with pytest.raises(ValueError, match="unsupported tokenizer model 'bert'") as caught:
-        tokenizer_from_gguf(gguf.GGUFReader(path), path)
+        tokenizer_from_gguf(GGUFFile(path))
     assert str(caught.value).startswith(f"{path}: ")

@@ -18,6 +18,7 @@ Numpy only: the runtime loads it without torch.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,15 +45,24 @@ class AttentionSink:
                      values=self.values.astype(np.float32), logits=self.logits.astype(np.float32))
 
     @classmethod
-    def load(cls, path: Path, shape: tuple[int, int, int] | None = None) -> AttentionSink:
-        """`shape`: the (layers, kv_heads, head_dim) the model needs, checked when given."""
+    def load(cls, path: Path, shape: tuple[int, int, int] | None = None, vocab_size: int | None = None
+             ) -> AttentionSink:
+        """`shape`: the (layers, kv_heads, head_dim) the model needs, and `vocab_size` its logits, checked when
+        given; anything but a sink file is a one-line ValueError naming it."""
         try:
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:
                 sink = cls(int(data["token"]), data["keys"], data["values"], data["logits"])
-        except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"{path}: not an attention sink file ({e})") from None
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not an attention sink file ({type(e).__name__}: {e})") from None
+        arrays = (sink.keys, sink.values, sink.logits)
+        if not all(a.dtype == np.float32 for a in arrays) or sink.keys.ndim != 3 or sink.logits.ndim != 1:
+            raise ValueError(f"{path}: not an attention sink file (float32 keys, values and logits expected)")
         if shape is not None and not sink.keys.shape == sink.values.shape == tuple(shape):
             raise ValueError(f"{path}: keys {sink.keys.shape} and values {sink.values.shape}, the model needs {shape}")
+        if vocab_size is not None and sink.logits.shape != (vocab_size,):
+            raise ValueError(f"{path}: {sink.logits.shape[0]} logits, the model has {vocab_size} tokens")
+        if vocab_size is not None and not 0 <= sink.token < vocab_size:
+            raise ValueError(f"{path}: sink token {sink.token} is not in the model's {vocab_size} tokens")
         return sink
 
     def cache_entries(self, config: LlamaConfig, layer: int, key_encoding: ActivationEncoding | None,

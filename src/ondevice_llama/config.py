@@ -6,7 +6,8 @@ file names. It is plain Python so that the torch-free runtime can read it from a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -58,11 +59,13 @@ def _number(data: dict[str, Any], key: str, kind: type, default: Any = None, whe
         raise ValueError(f"{where}{key} is missing")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{where}{key} must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, or a JSON number too large (inf)
+        raise ValueError(f"{where}{key} must be finite, got {value!r}")
     if kind is int:
         if value != int(value):
             raise ValueError(f"{where}{key} must be a whole number, got {value!r}")
         return int(value)
-    if value != value or value in (float("inf"), float("-inf")):
+    if abs(value) > 1e300:  # a JSON integer too large for a float
         raise ValueError(f"{where}{key} must be finite, got {value!r}")
     return float(value)
 
@@ -124,7 +127,8 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.head_dim == 0:
@@ -159,7 +163,13 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
+        """From `to_dict`'s output (a manifest, a quantized checkpoint); a mistyped number is a ValueError."""
         data = dict(data)
+        for f in fields(cls):
+            if f.name in data and f.type in ("int", "float"):
+                data[f.name] = _number(data, f.name, int if f.type == "int" else float)
+        if not isinstance(data.get("tie_word_embeddings", False), bool):
+            raise ValueError(f"tie_word_embeddings must be true or false, got {data['tie_word_embeddings']!r}")
         data["rope_scaling"] = RopeScaling(**data.get("rope_scaling", {}))
         return cls(**data)
 
@@ -234,5 +244,8 @@ class SpecialTokens:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpecialTokens:
         data = dict(data)
+        ids = [data.get("bos_id"), *data["eos_ids"]] if isinstance(data["eos_ids"], list | tuple) else None
+        if ids is None or not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
+            raise ValueError("bos_id and eos_ids must be token ids")
         data["eos_ids"] = tuple(data["eos_ids"])
         return cls(**data)

@@ -6,21 +6,32 @@ It is versioned and checked on read; a problem is reported in one line naming th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import LlamaConfig, SpecialTokens
+from .config import LlamaConfig, SpecialTokens, _number
+from .files import FileError, read_json_object, sha256_file, sha256_matches
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "ondevice-llama-export"
-FORMAT_VERSION = 2  # 2: Genie's graph I/O names and shapes, integer KV codes, the attention sink inside the graphs
+# 2: Genie's graph I/O names and shapes, integer KV codes, the attention sink inside the graphs; every file's size
+# and sha256
+FORMAT_VERSION = 2
 GRAPH_KINDS = ("prompt_processor", "token_generator")
+TARGET_GRAPHS = {"npu": set(GRAPH_KINDS), "cpu": {"decoder"}}
 
 
-class ManifestError(ValueError):
-    def __init__(self, path: Path, problem: str):
-        super().__init__(f"{path}: {problem}")
+class ManifestError(FileError):
+    """An exported folder that cannot be used; the message starts with the file (or folder) at fault."""
+
+
+def _typed(data: dict[str, Any], key: str, kind: Any, *default: Any) -> Any:
+    """`data[key]` (or `default`), which must be of type `kind` (a type or a union): "false" is not False."""
+    value = data.get(key, *default) if default else data[key]
+    if not isinstance(value, kind):
+        raise ValueError(f"{key} has the wrong type ({type(value).__name__})")
+    return value
 
 
 @dataclass(frozen=True)
@@ -67,8 +78,26 @@ class PartManifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PartManifest:
         graphs = {kind: GraphManifest.from_dict(g) for kind, g in data["graphs"].items()}
-        return cls(int(data["index"]), int(data["first_layer"]), int(data["end_layer"]),
-                   data["weights_file"], data["weights_sha256"], graphs, data.get("encodings_file"))
+        return cls(_number(data, "index", int), _number(data, "first_layer", int), _number(data, "end_layer", int),
+                   _typed(data, "weights_file", str), _typed(data, "weights_sha256", str), graphs,
+                   _typed(data, "encodings_file", str | None, None))
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What a file of the export must be: its size (checked on every load) and sha256 (checked on first use)."""
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileRecord:
+        size, digest = data["size"], data["sha256"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"file size must be a non-negative integer, got {size!r}")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ValueError(f"sha256 must be 64 hex digits, got {digest!r}")
+        return cls(size, digest)
 
 
 @dataclass(frozen=True)
@@ -89,6 +118,18 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)  # measurements and notes, free-form
     attention_sink_file: str | None = None  # quantized exports: position 0 precomputed (attention_sink.py)
     compiled: dict[str, Any] | None = None  # a compiled folder: the SoC, QNN version and context binaries (compile)
+    files: dict[str, FileRecord] = field(default_factory=dict)  # every file above but the manifest
+
+    def listed_files(self) -> list[str]:
+        """Every file the runtime reads besides the manifest (a compiled folder's simulator binaries too)."""
+        files = [self.tokenizer_file] + [p.weights_file for p in self.parts]
+        files += [g.file for p in self.parts for g in p.graphs.values()]
+        files += [p.encodings_file for p in self.parts if p.encodings_file]
+        simulator = (self.compiled or {}).get("simulator")
+        if simulator:
+            graphs = [Path(g.file) for p in self.parts for g in p.graphs.values()]
+            files += [f"{simulator}/{name}" for g in graphs for name in (g.name, f"{g.stem}_qnn.bin")]
+        return files + ([self.attention_sink_file] if self.attention_sink_file else [])
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -107,26 +148,27 @@ class Manifest:
             model_name=data["model_name"], source=data["source"],
             config=LlamaConfig.from_dict(data["config"]),
             special_tokens=SpecialTokens.from_dict(data["special_tokens"]),
-            chat_template=data["chat_template"], precision=data["precision"], target=data["target"],
-            use_conv=bool(data["use_conv"]), sequence_length=int(data["sequence_length"]),
-            context_length=int(data["context_length"]), all_logits=bool(data["all_logits"]),
-            parts=tuple(PartManifest.from_dict(p) for p in data["parts"]),
-            tokenizer_file=data.get("tokenizer_file", "tokenizer.json"), extra=data.get("extra", {}),
-            attention_sink_file=data.get("attention_sink_file"), compiled=data.get("compiled"),
+            chat_template=_typed(data, "chat_template", str | None), precision=_typed(data, "precision", str),
+            target=_typed(data, "target", str), use_conv=_typed(data, "use_conv", bool),
+            sequence_length=_number(data, "sequence_length", int), context_length=_number(data, "context_length", int),
+            all_logits=_typed(data, "all_logits", bool), parts=tuple(PartManifest.from_dict(p) for p in data["parts"]),
+            tokenizer_file=_typed(data, "tokenizer_file", str, "tokenizer.json"),
+            extra=_typed(data, "extra", dict, {}),
+            attention_sink_file=_typed(data, "attention_sink_file", str | None, None),
+            compiled=_typed(data, "compiled", dict | None, None),
+            files={name: FileRecord.from_dict(record) for name, record in data["files"].items()},
         )
 
 
 def load_manifest(folder: Path | str) -> Manifest:
-    """Read and check `folder/manifest.json`, and that every file it names is there."""
+    """Read and check `folder/manifest.json`: its structure, its agreement with the graphs it lists, and that
+    every file it names is there with its recorded size (checksums: `verify_checksums`)."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     if not path.exists():
         raise ManifestError(folder, f"no {MANIFEST_FILE}: not an exported model folder "
                                     "(create one with `ondevice-llama export`)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(path, f"invalid JSON ({e})") from None
+    data = read_json_object(path, "manifest", ManifestError)
     if data.get("format") != FORMAT:
         raise ManifestError(path, f"not an ondevice-llama manifest (format={data.get('format')!r})")
     if data.get("format_version") != FORMAT_VERSION:
@@ -134,12 +176,75 @@ def load_manifest(folder: Path | str) -> Manifest:
                                   f"(this version reads {FORMAT_VERSION}); export the model again")
     try:
         manifest = Manifest.from_dict(data)
-    except (KeyError, TypeError, ValueError) as e:
+        _check_structure(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ManifestError(path, f"malformed manifest ({type(e).__name__}: {e})") from None
-    files = [manifest.tokenizer_file] + [p.weights_file for p in manifest.parts]
-    files += [g.file for p in manifest.parts for g in p.graphs.values()]
-    files += [p.encodings_file for p in manifest.parts if p.encodings_file]
-    for file in files:
-        if not (folder / file).exists():
+    for file in manifest.listed_files():
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise ManifestError(path, f"lists {file!r}, which is not a file in the folder")
+        if not (folder / file).is_file():
             raise ManifestError(path, f"lists {file}, which is missing from the folder")
+        record = manifest.files.get(file)
+        if record is None:
+            raise ManifestError(path, f"has no size and checksum for {file}")
+        size = (folder / file).stat().st_size
+        if size != record.size:
+            raise ManifestError(folder / file, f"{size} bytes, the export wrote {record.size} (damaged or "
+                                               "truncated); export the model again")
     return manifest
+
+
+def with_file_records(manifest: Manifest, folder: Path, known: dict[str, str] | None = None) -> Manifest:
+    """`manifest` recording the size and sha256 of every file it lists in `folder` (`known`: digests already
+    computed, by file)."""
+    known = known or {}
+    return replace(manifest, files={f: FileRecord((folder / f).stat().st_size, known.get(f) or sha256_file(folder / f))
+                                    for f in manifest.listed_files()})
+
+
+def verify_checksums(folder: Path | str, manifest: Manifest) -> None:
+    """Every file's sha256 against the manifest's; hashed on first use only (`files.sha256_matches`)."""
+    folder = Path(folder)
+    for file in manifest.listed_files():
+        if not sha256_matches(folder / file, manifest.files[file].sha256):
+            raise ManifestError(folder / file, "does not match the sha256 in manifest.json (damaged or changed "
+                                               "since the export); export the model again")
+
+
+def _check_structure(m: Manifest) -> None:
+    """What the runtime relies on: parts covering the layers in order, the target's graphs, lengths that the
+    graphs were built for (a hand-edited context_length would otherwise fail mid-chat)."""
+    if m.target not in TARGET_GRAPHS:
+        raise ValueError(f"unknown target {m.target!r}")
+    if not (m.sequence_length > 0 and 0 < m.context_length <= m.config.max_position_embeddings):
+        raise ValueError(f"sequence_length {m.sequence_length} and context_length {m.context_length} do not fit "
+                         f"the model's {m.config.max_position_embeddings} positions")
+    if m.target == "npu" and m.context_length <= m.sequence_length:
+        raise ValueError(f"context_length {m.context_length} must exceed sequence_length {m.sequence_length}")
+    if not m.parts:
+        raise ValueError("no parts")
+    end = 0
+    for i, part in enumerate(m.parts):
+        if part.index != i or part.first_layer != end or part.end_layer <= part.first_layer:
+            raise ValueError(f"part {i} (index {part.index}, layers {part.first_layer}..{part.end_layer}) does "
+                             f"not follow the part before it")
+        if set(part.graphs) != TARGET_GRAPHS[m.target]:
+            raise ValueError(f"part {i} has graphs {sorted(part.graphs)}, the {m.target} target needs "
+                             f"{sorted(TARGET_GRAPHS[m.target])}")
+        for kind, graph in part.graphs.items():
+            _check_graph_lengths(m, kind, graph)
+        end = part.end_layer
+    if end != m.config.num_layers:
+        raise ValueError(f"the parts end at layer {end}, the model has {m.config.num_layers}")
+
+
+def _check_graph_lengths(m: Manifest, kind: str, graph: GraphManifest) -> None:
+    tokens = {"prompt_processor": m.sequence_length, "token_generator": 1}.get(kind)
+    if tokens is not None and graph.sequence_length != tokens:
+        raise ValueError(f"{graph.file} takes {graph.sequence_length} tokens, the manifest says {tokens}")
+    for spec in graph.inputs:  # the inputs whose shape holds the context length
+        axis = -1 if spec.name == "attention_mask" else 2 if kind == "decoder" and spec.name.startswith("past_") \
+            else None
+        if axis is not None and (len(spec.shape) < 3 or spec.shape[axis] != m.context_length):
+            raise ValueError(f"{graph.file} was built for another context length than {m.context_length} "
+                             f"({spec.name} {list(spec.shape)})")

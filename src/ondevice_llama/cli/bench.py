@@ -98,9 +98,9 @@ def parse_lengths(text: str) -> list[int]:
     try:
         lengths = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"--prompt-lengths takes comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--prompt-lengths: takes comma-separated integers, got {text!r}") from None
     if not lengths or lengths[0] < 1:
-        raise ValueError(f"--prompt-lengths must be positive, got {text!r}")
+        raise ValueError(f"--prompt-lengths: must be positive, got {text!r}")
     return lengths
 
 
@@ -393,7 +393,7 @@ def run_bench(args) -> int:
     from ..runtime import ExportedModel
 
     if args.repetitions < 1:
-        raise ValueError(f"--repetitions must be at least 1, got {args.repetitions}")
+        raise ValueError(f"--repetitions: must be at least 1, got {args.repetitions}")
     lengths = parse_lengths(args.prompt_lengths)
     if args.plot:
         from ..plotting import require_pyplot

@@ -9,8 +9,8 @@ from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 
-from ..files import cache_root, fingerprint
-from ..manifest import FORMAT_VERSION, ManifestError, load_manifest
+from ..files import cache_root, fingerprint, folder_lock
+from ..manifest import FORMAT_VERSION, ManifestError, load_manifest, verify_checksums
 
 
 def cached_export(checkpoint_path: Path | None, options) -> Path:
@@ -19,16 +19,32 @@ def cached_export(checkpoint_path: Path | None, options) -> Path:
     from ..loading import default_checkpoint_path, open_checkpoint
 
     path = (checkpoint_path or default_checkpoint_path()).resolve()
+    folder = cache_folder(path, options)
+    with folder_lock(folder):  # a second first-use chat waits for this export, then reuses it
+        if _intact(folder):
+            return folder
+        checkpoint = open_checkpoint(path)  # a bad checkpoint is reported before anything is said
+        print(f"exporting {path.name} once into {folder} (reused next time)", file=sys.stderr)
+        export_model(checkpoint, folder, options)
+    return folder
+
+
+def cache_folder(path: Path, options) -> Path:
+    """Where the export of checkpoint `path` with `options` is cached: a key of the file(s) and the options."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     key = json.dumps([fingerprint(path), asdict(options), FORMAT_VERSION, version("ondevice-llama")], sort_keys=True,
                      default=str)
-    folder = cache_root() / "exports" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return cache_root() / "exports" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _intact(folder: Path) -> bool:
+    """Whether `folder` holds a complete export whose files match their checksums (a damaged one is redone)."""
+    if not folder.exists():
+        return False
     try:
-        load_manifest(folder)
-        return folder
-    except ManifestError:
-        pass
-    print(f"exporting {path.name} once into {folder} (reused next time)", file=sys.stderr)
-    export_model(open_checkpoint(path), folder, options)
-    return folder
+        verify_checksums(folder, load_manifest(folder))
+    except ManifestError as e:
+        print(f"{e}; exporting again", file=sys.stderr)
+        return False
+    return True

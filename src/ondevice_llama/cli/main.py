@@ -6,11 +6,53 @@ Heavy imports happen inside each command so that `chat` on an exported folder ne
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_BAD_INPUT = 2
+REPL_CONTEXT_FULL = ("[the conversation fills the context ({detail}): /reset starts a new one, or run chat with "
+                     "--slide to keep its newest half and go on]")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: --option: what`, with the exit code of any bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        match = re.match(r"argument (\S+): (.*)", message)
+        print(f"error: {match[1].split('/')[-1]}: {match[2]}" if match else f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _integer(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] ((low, high] with `low_open`); NaN and inf are refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            bounds = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+                      f"in {'(' if low_open else '['}{low:g}, {high:g}]")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text}")
+        return value
+    return parse
 
 
 def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None:
@@ -34,10 +76,10 @@ def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None
                    help="npu w4a16/w8a16: bits of the KV cache entries (default 16)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="cpu target: MatMulNBits compute type, 4 = int8 (fastest), 0 = float (default 4)")
-    p.add_argument("--num-parts", type=int, default=None,
+    p.add_argument("--num-parts", type=_integer(1), default=None,
                    help="parts to split the model into (default: 4 for 7B-class models, fewer for small ones)")
-    p.add_argument("--sequence-length", type=int, default=128, help="prompt processor length N (default 128)")
-    p.add_argument("--context-length", type=int, default=None,
+    p.add_argument("--sequence-length", type=_integer(1), default=128, help="prompt processor length N (default 128)")
+    p.add_argument("--context-length", type=_integer(2), default=None,
                    help="context length C (default: 1024 for 7B-class models, else up to 2048)")
     p.add_argument("--conv", action="store_true",
                    help="npu: projections as 1x1 Conv instead of MatMul (QNN HTP prepares Conv far slower)")
@@ -60,7 +102,7 @@ def _block_size(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ondevice-llama", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ondevice-llama", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     export = sub.add_parser("export", help="export a checkpoint as per-part ONNX graphs")
@@ -97,12 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_options(chat, "cpu")
     chat.add_argument("--prompt", default=None, help="one-shot prompt; without it, an interactive chat")
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--seed", type=int, default=None)
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    chat.add_argument("--temperature", type=_number(0), default=0.0, help="0 (default) is greedy")
+    chat.add_argument("--top-k", type=_integer(0), default=0)
+    chat.add_argument("--top-p", type=_number(0, 1, low_open=True), default=1.0)
+    chat.add_argument("--seed", type=_integer(0), default=None)
+    chat.add_argument("--max-new-tokens", type=_integer(1), default=256)
+    chat.add_argument("--threads", type=_integer(1), default=None, help="ONNX Runtime intra-op threads")
     chat.add_argument("--genie", action="store_true",
                       help="a compiled folder: generate with Qualcomm's Genie runtime (libGenie) on its bundle")
     chat.add_argument("--slide", action="store_true",
@@ -110,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure TTFT, prefill and decode speed, per-part latency and peak memory")
     bench.add_argument("--model", type=Path, required=True, help="exported folder")
-    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    bench.add_argument("--repetitions", type=int, default=5, help="measured repetitions after one warm-up (default 5)")
+    bench.add_argument("--threads", type=_integer(1), default=None, help="ONNX Runtime intra-op threads")
+    bench.add_argument("--repetitions", type=_integer(1), default=5,
+                       help="measured repetitions after one warm-up (default 5)")
     bench.add_argument("--prompt-lengths", default="128,512,1024",
                        help="comma-separated prompt lengths for TTFT (default 128,512,1024)")
     bench.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
@@ -122,11 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", type=Path, required=True,
                           help="exported folder (made with --all-logits) or checkpoint (Hugging Face folder or .gguf)")
     evaluate.add_argument("--text", type=Path, required=True, help="UTF-8 text file, e.g. wikitext-2-raw/wiki.test.raw")
-    evaluate.add_argument("--context-length", type=int, default=512,
+    evaluate.add_argument("--context-length", type=_integer(2), default=512,
                           help="tokens per window, at most the export's context length (default 512)")
-    evaluate.add_argument("--max-tokens", type=int, default=4096, help="evaluate the first T tokens (default 4096)")
+    evaluate.add_argument("--max-tokens", type=_integer(2), default=4096,
+                          help="evaluate the first T tokens (default 4096)")
     evaluate.add_argument("--json", type=Path, default=None, help="write every figure and setting as JSON here")
-    evaluate.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    evaluate.add_argument("--threads", type=_integer(1), default=None, help="ONNX Runtime intra-op threads")
     evaluate.add_argument("--precision", choices=("w8a16", "w4a16", "w8", "w4"), default=None,
                           help="checkpoint: also measure it quantized (simulated) at this precision")
     evaluate.add_argument("--block-size", type=_block_size, default=32,
@@ -145,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--tokenizer", type=Path, default=None,
                        help="SentencePiece tokenizer.model, tokenizer.json or a folder with one "
                             "(default: a byte-level tokenizer)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--seed", type=_integer(0), default=0, help="random seed (default 0)")
     synth.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
                        help="stored dtype (default: the real checkpoint's)")
-    synth.add_argument("--layers", type=int, default=None, help="keep only the first N layers (same widths)")
+    synth.add_argument("--layers", type=_integer(1), default=None,
+                       help="keep only the first N layers (same widths)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
 
     compile_ = sub.add_parser("compile", help="compile an npu export to QNN context binaries for a Snapdragon NPU "
@@ -177,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--algorithm", choices=("rtn", "gptq"), default=None, help="default gptq")
     analyze.add_argument("--calibration-file", type=Path, default=None,
                          help="UTF-8 text to measure on instead of the built-in chats and prose")
-    analyze.add_argument("--budget", type=float, default=0.1,
+    analyze.add_argument("--budget", type=_number(0, 1), default=0.1,
                          help="at most this fraction of the projection parameters at 8 bits (default 0.1)")
-    analyze.add_argument("--max-tokens", type=int, default=4096,
+    analyze.add_argument("--max-tokens", type=_integer(0), default=4096,
                          help="measure on at most T calibration tokens, whole rows spread over the set (default "
                               "4096; 0 = all)")
     analyze.add_argument("--json", type=Path, default=None, help="write the full report as JSON here")
@@ -222,7 +267,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from ..runtime import ChatSession, ExportedModel, SamplingConfig
+    from ..runtime import ChatSession, ContextFullError, ExportedModel, SamplingConfig
     from .cached_export import cached_export
 
     folder = args.model or cached_export(args.checkpoint, _export_options(args))
@@ -234,17 +279,20 @@ def run_chat(args: argparse.Namespace) -> int:
     else:
         session = ChatSession(ExportedModel(folder, threads=args.threads), system=args.system)
 
-    def reply(text: str) -> None:
+    def reply(text: str, full_message: str) -> None:
         result = session.send(text, sampling, args.max_new_tokens, on_text=_stream, slide=args.slide)
         print(flush=True)
         if result.stop_reason == "context_full":
-            from ..runtime.generate import CONTEXT_FULL_MESSAGE
-
-            print(CONTEXT_FULL_MESSAGE, file=sys.stderr)
+            print(full_message, file=sys.stderr)
         print(result.timing_line(), file=sys.stderr, flush=True)
 
     if args.prompt is not None:
-        reply(args.prompt)
+        from ..runtime.generate import CONTEXT_FULL_MESSAGE
+
+        try:
+            reply(args.prompt, CONTEXT_FULL_MESSAGE)
+        except ContextFullError as e:
+            raise ValueError(f"--prompt: {e} (export with a larger --context-length, or use --slide)") from None
         return 0
     print(f"chatting with {session.manifest.model_name} ({folder}); /reset clears, /exit or Ctrl-D quits",
           file=sys.stderr)
@@ -259,8 +307,14 @@ def run_chat(args: argparse.Namespace) -> int:
         if text.strip() == "/reset":
             session.reset()
             continue
-        if text.strip():
-            reply(text)
+        if not text.strip():
+            continue
+        try:
+            reply(text, REPL_CONTEXT_FULL.format(detail="the reply was cut"))
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            print("\n[reply stopped; that turn is left out of the conversation]", file=sys.stderr, flush=True)
+        except ContextFullError as e:
+            print(REPL_CONTEXT_FULL.format(detail=e), file=sys.stderr, flush=True)
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -307,20 +361,30 @@ def run_analyze(args: argparse.Namespace) -> int:
     return run_analyze(args)
 
 
+def _one_line(error: BaseException) -> str:
+    """The error as `<file or option>: <what>` on one line (an OSError's file first, as our own errors put it)."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _stream(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad option already reported in one line (2)
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     commands = {"export": run_export, "quantize": run_quantize, "compile": run_compile, "chat": run_chat,
                 "bench": run_bench, "evaluate": run_evaluate,
                 "synthesize": run_synthesize, "analyze": run_analyze}
     try:
         return commands[args.command](args)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

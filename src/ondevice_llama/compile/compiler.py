@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from .. import qnn
 from ..export.part_size import CONTEXT_OVERHEAD
-from ..files import fingerprint, replace_folder, sha256_file
-from ..manifest import MANIFEST_FILE, Manifest, PartManifest, load_manifest
+from ..files import fingerprint, folder_lock, replace_folder, sha256_file
+from ..manifest import MANIFEST_FILE, Manifest, PartManifest, load_manifest, verify_checksums, with_file_records
 from ..memory import PeakRssSampler, available_bytes, release_free_memory
 from ..staging import StagedParts, staging_folder
 from . import genie, graph_names
@@ -271,6 +271,14 @@ def compile_export(export: Path | str, out: Path | str, soc_name: str, simulator
     export, out = Path(export), Path(out)
     soc = qnn.soc_by_name(soc_name)
     manifest = _check_export(export)
+    verify_checksums(export, manifest)
+    with folder_lock(out):
+        return _compile_locked(export, out, manifest, soc, simulator, progress, only, check_memory_first)
+
+
+def _compile_locked(export: Path, out: Path, manifest: Manifest, soc: qnn.Soc, simulator: bool, progress: bool,
+                    only: list[int] | None, check_memory_first: bool) -> Manifest | None:
+    """`compile_export` holding the lock on `out`: no other process writes it or its staging folder."""
     _check_out(out)
     need = compile_memory(export, manifest)
     if check_memory_first:
@@ -309,6 +317,8 @@ def compile_export(export: Path | str, out: Path | str, soc_name: str, simulator
             config = genie.genie_config(compiled, [r["binary"] for r in records], manifest.tokenizer_file)
             (staging / genie.CONFIG_FILE).write_text(json.dumps(config, indent=2))
             (staging / genie.BACKEND_EXTENSIONS_FILE).write_text(json.dumps(genie.backend_extensions(soc), indent=2))
+        known = {r["binary"]: r["binary_sha256"] for r in records}
+        compiled = with_file_records(compiled, staging, known)
         compiled.save(staging)
         staged.finish()
         replace_folder(staging, out)

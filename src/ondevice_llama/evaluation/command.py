@@ -21,9 +21,9 @@ from .text import load_text_tokens
 
 def run_evaluate(args: argparse.Namespace) -> int:
     if args.context_length < 2:
-        raise ValueError(f"--context-length must be at least 2, got {args.context_length}")
+        raise ValueError(f"--context-length: must be at least 2, got {args.context_length}")
     if args.max_tokens < 2:
-        raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+        raise ValueError(f"--max-tokens: must be at least 2, got {args.max_tokens}")
     model_path: Path = args.model
     info: dict[str, Any] = {"model": str(model_path)}
     if model_path.is_dir() and (model_path / MANIFEST_FILE).exists():
@@ -53,22 +53,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
     """Sources of an exported folder: the export itself, plus the float checkpoint it came from if still there."""
-    from tokenizers import Tokenizer
-
-    from ..manifest import load_manifest
     from ..runtime import ExportedModel
     from .sources import exported_logits, float_logits, require_all_logits
 
-    manifest = load_manifest(args.model)
     require_all_logits(args.model)
+    model = ExportedModel(args.model, threads=args.threads)  # checks every file before anything is measured
+    manifest = model.manifest
     window = min(args.context_length, manifest.context_length)
     info |= {"kind": "exported", "model_name": manifest.model_name,
              "export": {"target": manifest.target, "precision": manifest.precision,
                         "sequence_length": manifest.sequence_length, "context_length": manifest.context_length,
                         "parts": len(manifest.parts), "source": manifest.source}}
     info["bos_id"] = manifest.special_tokens.bos_id
-    tokenizer = Tokenizer.from_file(str(args.model / manifest.tokenizer_file))
-    tokens = load_text_tokens(args.text, tokenizer, args.max_tokens)
+    tokens = load_text_tokens(args.text, model.tokenizer, args.max_tokens)
     sources: dict[str, LogitFn] = {}
     float_checkpoint = None
     if args.no_float:
@@ -94,7 +91,7 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
                   file=sys.stderr)
     info["float_checkpoint"] = float_checkpoint
     if manifest.compiled is None:
-        sources["exported"] = exported_logits(ExportedModel(args.model, threads=args.threads))
+        sources["exported"] = exported_logits(model)
         return sources, tokens, window
     # A compiled folder runs on QNN HTP; the export it was compiled from, on ONNX Runtime's CPU, beside it.
     info["compiled"] = {k: manifest.compiled[k] for k in ("soc", "qnn_sdk", "export")}
@@ -104,7 +101,7 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
     else:
         print(f"{export}: the export this folder was compiled from is gone; no ONNX Runtime CPU run to compare with",
               file=sys.stderr)
-    sources["compiled"] = exported_logits(ExportedModel(args.model))
+    sources["compiled"] = exported_logits(model)
     return sources, tokens, window
 
 

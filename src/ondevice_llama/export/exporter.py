@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from ..attention_sink import SINK_FILE
 from ..config import LlamaConfig
-from ..files import fingerprint, replace_folder, sha256_file
+from ..files import fingerprint, folder_lock, read_json_object, remove_stale_staging, replace_folder, sha256_file
 from ..loading import Checkpoint
-from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec
+from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec, with_file_records
 from ..memory import PeakRssSampler, release_free_memory
 from ..quantization.recipe import PRECISIONS as RECIPE_PRECISIONS
 from ..quantization.recipe import Recipe
@@ -84,7 +84,7 @@ def default_context_length(config: LlamaConfig, target: str = "npu") -> int:
 def plan_parts(num_layers: int, num_parts: int) -> list[PartSpec]:
     """Layers split as evenly as possible; earlier parts take the extra layer."""
     if not 1 <= num_parts <= num_layers:
-        raise ValueError(f"--num-parts must be between 1 and the number of layers ({num_layers}), got {num_parts}")
+        raise ValueError(f"--num-parts: must be between 1 and the number of layers ({num_layers}), got {num_parts}")
     base, extra = divmod(num_layers, num_parts)
     parts, start = [], 0
     for k in range(num_parts):
@@ -97,28 +97,31 @@ def plan_parts(num_layers: int, num_parts: int) -> list[PartSpec]:
 def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOptions:
     """The options with every default filled in, checked against the model."""
     if options.target not in TARGETS:
-        raise ValueError(f"--target must be one of {TARGETS}, got {options.target!r}")
+        raise ValueError(f"--target: must be one of {TARGETS}, got {options.target!r}")
     precision = options.precision or DEFAULT_PRECISION[options.target]
     if precision not in PRECISIONS[options.target]:
-        raise ValueError(f"--precision {precision} is not supported for the {options.target} target "
+        raise ValueError(f"--precision: {precision} is not supported for the {options.target} target "
                          f"(supported: {', '.join(PRECISIONS[options.target])})")
     quantized = precision not in ("fp32", "fp16")
     if quantized and options.block_size is None and options.target == "cpu":
         raise ValueError("--block-size: the cpu target needs a block size (32, 64 or 128)")
     if quantized and options.block_size and (config.hidden_size % options.block_size
                                              or config.intermediate_size % options.block_size):
-        raise ValueError(f"--block-size {options.block_size} does not divide the hidden size {config.hidden_size} "
+        raise ValueError(f"--block-size: {options.block_size} does not divide the hidden size {config.hidden_size} "
                          f"and the intermediate size {config.intermediate_size}")
     if options.target == "cpu" and (options.recipe or options.quantized or options.algorithm):
-        raise ValueError("--recipe, --quantized and --algorithm apply to the npu target's quantized precisions")
-    parts = options.num_parts or default_num_parts(config)
-    context = options.context_length or default_context_length(config, options.target)
+        raise ValueError("--recipe, --quantized, --algorithm: these apply to the npu target's quantized precisions")
+    parts = default_num_parts(config) if options.num_parts is None else options.num_parts
+    context = default_context_length(config, options.target) if options.context_length is None \
+        else options.context_length
     if options.sequence_length < 1:
-        raise ValueError(f"--sequence-length must be positive, got {options.sequence_length}")
+        raise ValueError(f"--sequence-length: must be positive, got {options.sequence_length}")
+    if context < 2:
+        raise ValueError(f"--context-length: must be at least 2, got {context}")
     if options.target == "npu" and context <= options.sequence_length:
-        raise ValueError(f"--context-length ({context}) must exceed --sequence-length ({options.sequence_length})")
+        raise ValueError(f"--context-length: {context} must exceed --sequence-length {options.sequence_length}")
     if context > config.max_position_embeddings:
-        raise ValueError(f"--context-length {context} exceeds the model's maximum "
+        raise ValueError(f"--context-length: {context} exceeds the model's maximum "
                          f"{config.max_position_embeddings}")
     plan_parts(config.num_layers, parts)  # checks the part count
     all_logits = options.all_logits or options.target == "npu"  # Genie reads the last real row of a chunk
@@ -241,27 +244,35 @@ def _part_files(part: PartManifest) -> list[str]:
                                                                          if part.encodings_file else [])
 
 
-def _finished_parts(staging: Path, key: str) -> dict[int, PartManifest]:
-    """Parts an earlier run of the same export finished, whose files still match their checksums."""
+def _finished_parts(staging: Path, key: str, plan: list[PartSpec]) -> tuple[dict[int, PartManifest], dict[str, str]]:
+    """Parts an earlier run of the same export finished, whose files still match their checksums, and those
+    checksums. A progress file that is unreadable, of another export or of the wrong shape counts as absent."""
     try:
-        progress = json.loads((staging / PROGRESS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if progress.get("key") != key:
-        return {}
-    finished = {}
-    for entry in progress.get("parts", []):
-        part = PartManifest.from_dict(entry["part"])
-        if all((staging / f).exists() and sha256_file(staging / f) == entry["sha256"].get(f)
-               for f in _part_files(part)):
-            finished[part.index] = part
-    return finished
+        progress = read_json_object(staging / PROGRESS_FILE, "export progress")
+        if progress.get("key") != key:
+            return {}, {}
+        planned = {p.index: p.layers for p in plan}
+        finished, hashes = {}, {}
+        for entry in progress["parts"]:
+            part, sha256 = PartManifest.from_dict(entry["part"]), entry["sha256"]
+            files = _part_files(part)
+            if part.layers != planned.get(part.index) or not all(isinstance(sha256.get(f), str) for f in files):
+                return {}, {}
+            if all((staging / f).is_file() and sha256_file(staging / f) == sha256[f] for f in files):
+                finished[part.index] = part
+                hashes |= {f: sha256[f] for f in files}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}, {}
+    return finished, hashes
 
 
-def _record_progress(staging: Path, key: str, parts: dict[int, PartManifest]) -> None:
-    entries = [{"part": asdict(p), "sha256": {f: (p.weights_sha256 if f == p.weights_file else
-                                                  sha256_file(staging / f)) for f in _part_files(p)}}
-               for p in parts.values()]
+def _record_progress(staging: Path, key: str, parts: dict[int, PartManifest], hashes: dict[str, str]) -> None:
+    """Write progress.json; `hashes` gains the checksums of the parts' files (the weights' are in the part)."""
+    for p in parts.values():
+        for f in _part_files(p):
+            if f not in hashes:
+                hashes[f] = p.weights_sha256 if f == p.weights_file else sha256_file(staging / f)
+    entries = [{"part": asdict(p), "sha256": {f: hashes[f] for f in _part_files(p)}} for p in parts.values()]
     tmp = staging / f"{PROGRESS_FILE}.tmp"
     tmp.write_text(json.dumps({"key": key, "parts": entries}, indent=1))
     tmp.replace(staging / PROGRESS_FILE)
@@ -313,6 +324,14 @@ def export_model(checkpoint: Checkpoint, out: Path | str, options: ExportOptions
     estimate beside the peak actually measured.
     """
     out = Path(out)
+    with folder_lock(out):
+        return _export_locked(checkpoint, out, options, progress, check_memory_first)
+
+
+def _export_locked(checkpoint: Checkpoint, out: Path, options: ExportOptions, progress: bool,
+                   check_memory_first: bool) -> Manifest:
+    """`export_model` while holding the lock on `out`: no other process writes it or its staging folder."""
+    remove_stale_staging(out.parent, own=out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is a file; choose another --out")
     if out.exists() and not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
@@ -351,11 +370,10 @@ def _export_parts(checkpoint: Checkpoint, out: Path, options: ExportOptions, par
                         "weight_mode": "affine", "head_bits": 8}
     key = _export_key(checkpoint, options, quantized_folder)
     staging = staging_folder(out)
-    done = _finished_parts(staging, key) if staging.exists() else {}
-    if done:
-        if progress:
-            print(f"resuming the export in {staging}: part(s) {', '.join(str(k + 1) for k in sorted(done))} "
-                  f"already done and verified", file=sys.stderr)
+    done, hashes = _finished_parts(staging, key, parts) if staging.is_dir() else ({}, {})
+    if done:  # said even with --quiet: what is reused is not a progress bar
+        print(f"resuming the export in {staging}: part(s) {', '.join(str(k + 1) for k in sorted(done))} "
+              f"already done and verified", file=sys.stderr)
     else:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
@@ -365,7 +383,7 @@ def _export_parts(checkpoint: Checkpoint, out: Path, options: ExportOptions, par
             for part in parts:
                 if part.index not in done:
                     done[part.index] = _export_part(checkpoint, staging, part, options, bar, quantization)
-                    _record_progress(staging, key, done)
+                    _record_progress(staging, key, done, hashes)
         checkpoint.tokenizer.save(str(staging / "tokenizer.json"))
         sink = quantization.attention_sink if quantization is not None else None
         if sink is not None:
@@ -378,6 +396,7 @@ def _export_parts(checkpoint: Checkpoint, out: Path, options: ExportOptions, par
             all_logits=options.all_logits, parts=tuple(done[p.index] for p in parts), extra=target_extra | extra(),
             attention_sink_file=SINK_FILE if sink is not None else None,
         )
+        manifest = with_file_records(manifest, staging, hashes)
         manifest.save(staging)
         (staging / PROGRESS_FILE).unlink()
         replace_folder(staging, out)

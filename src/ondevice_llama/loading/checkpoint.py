@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import LlamaConfig, RopeScaling, SpecialTokens
+from ..files import read_json_object
 from .default_model import default_checkpoint_path
 from .errors import CheckpointError
+from .gguf_file import GGUFFile
 from .names import expected_names
 from .sources import GGUFSource, SafetensorsSource, TensorSource
 
@@ -40,6 +41,7 @@ def open_checkpoint(path: Path | str | None = None) -> Checkpoint:
     else:
         raise CheckpointError(path, "expected a Hugging Face folder or a .gguf file")
     _check_tensors(checkpoint)
+    _check_vocabulary(checkpoint)
     return checkpoint
 
 
@@ -49,12 +51,7 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(folder, "no config.json (not a Hugging Face model folder)")
-    try:
-        hf = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(config_path, f"invalid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(config_path, f"not a config object (the JSON is a {type(hf).__name__})")
+    hf = read_json_object(config_path, "config", CheckpointError)
     architectures = hf.get("architectures") or []
     if not isinstance(architectures, list):
         raise CheckpointError(config_path, f"architectures must be a list, got {architectures!r}")
@@ -72,72 +69,66 @@ def _open_hf_folder(folder: Path) -> Checkpoint:
     return Checkpoint(folder, folder.name, config, tensors, tokenizer, special, template)
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _gguf_config(reader, path: Path) -> LlamaConfig:
-    arch = _field(reader, "general.architecture")
+def _gguf_config(file: GGUFFile) -> LlamaConfig:
+    """The config from GGUF metadata, every field read with its type checked (a float count is refused)."""
+    path = file.path
+    arch = file.value("general.architecture", "str", None)
     if arch != "llama":
         raise CheckpointError(path, f"not a Llama model (general.architecture={arch!r})")
-    if "rope_freqs.weight" in {t.name for t in reader.tensors}:
+    if "rope_freqs.weight" in file.tensors:
         raise CheckpointError(path, "GGUF files with precomputed rope_freqs are not supported; "
                                     "use the Hugging Face folder instead")
+    heads = file.value("llama.attention.head_count", "int")
+    hidden = file.value("llama.embedding_length", "int")
+    vocab = file.value("llama.vocab_size", "int", None)
+    if vocab is None:
+        vocab = len(file.value("tokenizer.ggml.tokens", "[str]"))
     try:
-        heads = int(_field(reader, "llama.attention.head_count"))
-        hidden = int(_field(reader, "llama.embedding_length"))
-        vocab = _field(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-        rope = _gguf_rope(reader, path)
-        tied = "output.weight" not in {t.name for t in reader.tensors}
         return LlamaConfig(
-            vocab_size=int(vocab),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(_field(reader, "llama.feed_forward_length")),
-            num_layers=int(_field(reader, "llama.block_count")),
+            intermediate_size=file.value("llama.feed_forward_length", "int"),
+            num_layers=file.value("llama.block_count", "int"),
             num_heads=heads,
-            num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
-            head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
-            rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-            rope_scaling=rope,
-            max_position_embeddings=int(_field(reader, "llama.context_length", 4096)),
-            tie_word_embeddings=tied,
+            num_kv_heads=file.value("llama.attention.head_count_kv", "int", heads),
+            head_dim=file.value("llama.rope.dimension_count", "int", hidden // heads if heads > 0 else 0),
+            rms_norm_eps=file.value("llama.attention.layer_norm_rms_epsilon", "float", 1e-5),
+            rope_theta=file.value("llama.rope.freq_base", "float", 10000.0),
+            rope_scaling=_gguf_rope(file),
+            max_position_embeddings=file.value("llama.context_length", "int", 4096),
+            tie_word_embeddings="output.weight" not in file.tensors,
         )
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(path, f"incomplete Llama metadata ({e})") from None
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(path, f"unusable Llama metadata ({e})") from None
 
 
-def _gguf_rope(reader, path: Path) -> RopeScaling:
+def _gguf_rope(file: GGUFFile) -> RopeScaling:
     """GGUF's rope scaling keys (llama.cpp's names); a type or key we would ignore is refused."""
-    scaling = _field(reader, "llama.rope.scaling.type", "none")
-    if scaling in ("none", None):
+    scaling = file.value("llama.rope.scaling.type", "str", "none")
+    if scaling == "none":
         return RopeScaling()
     if scaling not in ("linear", "yarn"):
-        raise CheckpointError(path, f"unsupported rope scaling type {scaling!r} (supported: none, linear, yarn)")
-    attn_factor = _field(reader, "llama.rope.scaling.attn_factor", 1.0)
+        raise CheckpointError(file.path, f"unsupported rope scaling type {scaling!r} (supported: none, linear, yarn)")
+    attn_factor = file.value("llama.rope.scaling.attn_factor", "float", 1.0)
     if scaling == "yarn" and attn_factor != 1.0:
-        raise CheckpointError(path, f"yarn rope with attn_factor {attn_factor} is not supported")
-    factor = float(_field(reader, "llama.rope.scaling.factor", 1.0))
+        raise CheckpointError(file.path, f"yarn rope with attn_factor {attn_factor} is not supported")
+    factor = file.value("llama.rope.scaling.factor", "float", 1.0)
     if scaling == "linear":
         return RopeScaling("linear", factor=factor)
-    original = int(_field(reader, "llama.rope.scaling.original_context_length", 0))
+    original = file.value("llama.rope.scaling.original_context_length", "int", 0)
     return RopeScaling("yarn", factor=factor, original_max_position_embeddings=original)
 
 
 def _open_gguf(path: Path) -> Checkpoint:
-    import gguf
-
     from .tokenizer import tokenizer_from_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf raises bare ValueError/IndexError/struct errors on damaged files
-        raise CheckpointError(path, f"unreadable GGUF file ({type(e).__name__}: {e})") from None
-    config = _gguf_config(reader, path)
-    tokenizer, special, template = tokenizer_from_gguf(reader, path)
-    name = _field(reader, "general.name") or path.stem
-    return Checkpoint(path, name, config, GGUFSource(path, reader, config), tokenizer, special, template)
+    file = GGUFFile(path)
+    config = _gguf_config(file)
+    tokenizer, special, template = tokenizer_from_gguf(file)
+    name = file.value("general.name", "str", None) or path.stem
+    return Checkpoint(path, name, config, GGUFSource(file, config), tokenizer, special, template)
 
 
 def _check_tensors(checkpoint: Checkpoint) -> None:
@@ -160,3 +151,11 @@ def _check_tensors(checkpoint: Checkpoint) -> None:
         want, got = shapes[name.rsplit(".", 1)[-1]], checkpoint.tensors.shape(name)
         if got != want:
             raise CheckpointError(checkpoint.path, f"tensor {name} has shape {got}, config implies {want}")
+
+
+def _check_vocabulary(checkpoint: Checkpoint) -> None:
+    """Every token id the tokenizer can produce has an embedding row (a larger vocabulary fails mid-chat)."""
+    largest = max(checkpoint.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest >= checkpoint.config.vocab_size:
+        raise CheckpointError(checkpoint.path, f"the tokenizer has token id {largest}, the model embeds only "
+                                               f"{checkpoint.config.vocab_size} tokens")

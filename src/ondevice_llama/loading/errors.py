@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from ..files import FileError
 
 
-class CheckpointError(ValueError):
-    def __init__(self, path: Path | str, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
+class CheckpointError(FileError):
+    """A checkpoint file (or folder) that cannot be used; the message starts with its path."""

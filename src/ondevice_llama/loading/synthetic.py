@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import LlamaConfig, RopeScaling
-from ..files import make_staging_folder, replace_folder
+from ..files import folder_lock, make_staging_folder, replace_folder
 from .names import LAYER_TENSORS, canonical_to_hf
 
 CHATML_TEMPLATE = (
@@ -233,33 +233,33 @@ def write_synthetic_checkpoint(config: LlamaConfig, out: Path, *, seed: int = 0,
     shards = plan_shards(shapes, itemsize, shard_bytes)
     files = shard_file_names(len(shards))
     total = sum(int(np.prod(s)) for s in shapes.values()) * itemsize
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_staging_folder(out)
-    try:
-        special = _install_tokenizer(tmp, tokenizer, config, chat_template, bos_token_id, eos_token_id)
-        ids = {"bos_token_id": special.bos_id,
-               "eos_token_id": special.eos_ids[0] if len(special.eos_ids) == 1 else list(special.eos_ids)}
-        hf = config.to_hf() | ids | {"torch_dtype": dtype}
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
-        from tqdm import tqdm
+    with folder_lock(out):
+        tmp = make_staging_folder(out)
+        try:
+            special = _install_tokenizer(tmp, tokenizer, config, chat_template, bos_token_id, eos_token_id)
+            ids = {"bos_token_id": special.bos_id,
+                   "eos_token_id": special.eos_ids[0] if len(special.eos_ids) == 1 else list(special.eos_ids)}
+            hf = config.to_hf() | ids | {"torch_dtype": dtype}
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+            (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+            from tqdm import tqdm
 
-        with tqdm(total=total, unit="B", unit_scale=True, desc="synthesize", file=sys.stderr,
-                  disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:
-            for file, names in zip(files, shards, strict=True):
-                bar.set_postfix_str(file)
-                _write_shard(tmp / file, names, shapes, seed, dtype, bar)
-        if len(files) > 1:
-            weight_map = {name: file for file, names in zip(files, shards, strict=True) for name in names}
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        record = {"format": "ondevice-llama-synthetic", "format_version": 1, "seed": seed, "dtype": dtype,
-                  "note": "random weights with a real model's layout; meaningless for quality"}
-        (tmp / SYNTHETIC_MARKER).write_text(json.dumps(record | (provenance or {}), indent=2) + "\n")
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            with tqdm(total=total, unit="B", unit_scale=True, desc="synthesize", file=sys.stderr,
+                      disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:
+                for file, names in zip(files, shards, strict=True):
+                    bar.set_postfix_str(file)
+                    _write_shard(tmp / file, names, shapes, seed, dtype, bar)
+            if len(files) > 1:
+                weight_map = {name: file for file, names in zip(files, shards, strict=True) for name in names}
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            record = {"format": "ondevice-llama-synthetic", "format_version": 1, "seed": seed, "dtype": dtype,
+                      "note": "random weights with a real model's layout; meaningless for quality"}
+            (tmp / SYNTHETIC_MARKER).write_text(json.dumps(record | (provenance or {}), indent=2) + "\n")
+            replace_folder(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
@@ -320,11 +320,11 @@ def synthesize(config: str | Path | LlamaConfig, out: Path, *, tokenizer: Path |
     started = time.perf_counter()
     name, cfg, files = resolve_config(config)
     if layers is not None:
-        if layers < 1:
-            raise ValueError(f"--layers must be at least 1, got {layers}")
+        if not 1 <= layers <= cfg.num_layers:
+            raise ValueError(f"--layers: must be from 1 to the config's {cfg.num_layers} layers, got {layers}")
         cfg = replace(cfg, num_layers=layers)
     if seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {seed}")
+        raise ValueError(f"--seed: must be non-negative, got {seed}")
     dtype = _dtype_name(dtype or files.torch_dtype)
     out = Path(out)
     _check_out(out)

@@ -9,16 +9,17 @@ llama.cpp's `tokenizer.ggml.pre` names.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import gguf
 import sentencepiece
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from ..config import SpecialTokens
+from ..files import read_json_object
+from .errors import CheckpointError
+from .gguf_file import GGUFFile
 
 # llama.cpp / SentencePiece token types (tokenizer.ggml.token_type, ModelProto.SentencePiece.Type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -38,41 +39,46 @@ LLAMA3_SPLIT = (
 # ---------------------------------------------------------------- GGUF
 
 
-def tokenizer_from_gguf(reader: gguf.GGUFReader, path: Path) -> tuple[Tokenizer, SpecialTokens, str | None]:
+def tokenizer_from_gguf(file: GGUFFile) -> tuple[Tokenizer, SpecialTokens, str | None]:
     """Rebuild the tokenizer a GGUF describes in its metadata, since a GGUF carries no tokenizer.json."""
-    name = _gguf_value(reader, "tokenizer.ggml.model")
-    tokens: list[str] = _gguf_value(reader, "tokenizer.ggml.tokens") or []
-    types: list[int] = _gguf_value(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    path = file.path
+    name = file.value("tokenizer.ggml.model", "str", None)
+    tokens: list[str] = file.value("tokenizer.ggml.tokens", "[str]", [])
+    types: list[int] = file.value("tokenizer.ggml.token_type", "[int]", None) or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
-        raise ValueError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
-    if name == "gpt2":
-        merges = _gguf_value(reader, "tokenizer.ggml.merges") or []
-        pre = _gguf_value(reader, "tokenizer.ggml.pre") or "default"
-        tokenizer = _byte_level_bpe(tokens, merges, pre, path)
-    elif name == "llama":
-        scores = _gguf_value(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
-        if len(scores) != len(tokens):
-            raise ValueError(f"{path}: {len(tokens)} tokens but {len(scores)} scores")
-        prefix = _gguf_value(reader, "tokenizer.ggml.add_space_prefix")
-        tokenizer = _sentencepiece_bpe(tokens, scores, types, add_space_prefix=prefix is not False)
-    else:
-        raise ValueError(f"{path}: unsupported tokenizer model {name!r}")
-    _add_typed_tokens(tokenizer, tokens, types)
-    add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token")
+        raise CheckpointError(path, f"{len(tokens)} tokens but {len(types)} token types")
+    try:
+        if name == "gpt2":
+            merges = file.value("tokenizer.ggml.merges", "[str]", [])
+            pre = file.value("tokenizer.ggml.pre", "str", "default")
+            tokenizer = _byte_level_bpe(tokens, merges, pre, path)
+        elif name == "llama":
+            scores = file.value("tokenizer.ggml.scores", "[float]", None) or [0.0] * len(tokens)
+            if len(scores) != len(tokens):
+                raise CheckpointError(path, f"{len(tokens)} tokens but {len(scores)} scores")
+            prefix = file.value("tokenizer.ggml.add_space_prefix", "bool", True)
+            tokenizer = _sentencepiece_bpe(tokens, scores, types, add_space_prefix=prefix)
+        else:
+            raise CheckpointError(path, f"unsupported tokenizer model {name!r}")
+        _add_typed_tokens(tokenizer, tokens, types)
+    except ValueError:
+        raise
+    except Exception as e:  # tokenizers raises bare Exceptions ("Error while initializing BPE")
+        raise CheckpointError(path, f"inconsistent tokenizer vocabulary ({_first_line(e)})") from None
+    add_bos = file.value("tokenizer.ggml.add_bos_token", "bool", name == "llama")
     special = _special_tokens(
         tokenizer,
-        bos=_token_at(tokens, _gguf_value(reader, "tokenizer.ggml.bos_token_id")),
-        eos=_token_at(tokens, _gguf_value(reader, "tokenizer.ggml.eos_token_id")),
-        extra_eos_ids=[i for i in [_gguf_value(reader, "tokenizer.ggml.eot_token_id")] if i is not None],
-        add_bos=(name == "llama") if add_bos is None else bool(add_bos),
+        bos=_token_at(tokens, file.value("tokenizer.ggml.bos_token_id", "int", None)),
+        eos=_token_at(tokens, file.value("tokenizer.ggml.eos_token_id", "int", None)),
+        extra_eos_ids=[file.value("tokenizer.ggml.eot_token_id", "int", None)],
+        add_bos=add_bos,
     )
-    return tokenizer, special, _gguf_value(reader, "tokenizer.chat_template")
+    return tokenizer, special, file.value("tokenizer.chat_template", "str", None)
 
 
-def _gguf_value(reader: gguf.GGUFReader, key: str) -> Any:
-    """A metadata value as plain Python (str, int, bool, list), or None when the key is absent."""
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _token_at(tokens: Sequence[str], index: int | None) -> str | None:
@@ -84,6 +90,8 @@ def _byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], pre: str, path
     """GPT-2-style BPE over bytes; llama.cpp stores tokens and merges already in the byte alphabet."""
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    if any(len(pair) != 2 for pair in pairs):
+        raise CheckpointError(path, "a tokenizer merge is not two tokens separated by a space")
     ignore_merges = pre in ("llama-bpe", "llama3", "llama-v3")  # llama.cpp and Llama-3's tokenizer.json
     tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=ignore_merges))
     tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre, path)
@@ -103,7 +111,7 @@ def _byte_level_pre_tokenizer(pre: str, path: Path) -> pre_tokenizers.PreTokeniz
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-    raise ValueError(f"{path}: unsupported pre-tokenizer {pre!r}")
+    raise CheckpointError(path, f"unsupported pre-tokenizer {pre!r}")
 
 
 # ---------------------------------------------------------------- SentencePiece BPE
@@ -158,13 +166,16 @@ def _add_typed_tokens(tokenizer: Tokenizer, tokens: Sequence[str], types: Sequen
 def _sentencepiece_model(model_file: Path) -> tuple[Tokenizer, str | None, str | None]:
     """Convert a SentencePiece `tokenizer.model` (BPE) into an equivalent tokenizers Tokenizer,
     with its own BOS and EOS pieces as defaults for folders that have no tokenizer_config.json."""
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    try:
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        model_type, add_dummy_prefix, user_defined = _sentencepiece_spec(model_file)
+    except Exception as e:  # sentencepiece and protobuf raise RuntimeError, OSError or DecodeError
+        raise CheckpointError(model_file, f"not a readable SentencePiece model ({_first_line(e)})") from None
     size = processor.get_piece_size()
     tokens = [processor.id_to_piece(i) for i in range(size)]
     scores = [processor.get_score(i) for i in range(size)]
-    model_type, add_dummy_prefix, user_defined = _sentencepiece_spec(model_file)
     if model_type not in (None, 2):  # 2 is BPE; a Unigram model cannot be expressed as BPE merges
-        raise ValueError(f"{model_file}: only SentencePiece BPE is supported, not model_type {model_type}")
+        raise CheckpointError(model_file, f"only SentencePiece BPE is supported, not model_type {model_type}")
     types = [_piece_type(processor, i, user_defined) for i in range(size)]
     tokenizer = _sentencepiece_bpe(tokens, scores, types, add_space_prefix=add_dummy_prefix)
     _add_typed_tokens(tokenizer, tokens, types)
@@ -203,49 +214,79 @@ def _sentencepiece_spec(model_file: Path) -> tuple[int | None, bool, set[int]]:
 
 
 def tokenizer_from_hf_folder(folder: Path) -> tuple[Tokenizer, SpecialTokens, str | None]:
-    """Load a HF folder's tokenizer.json, or convert its tokenizer.model, with its special tokens."""
+    """Load a HF folder's tokenizer.json, or convert its tokenizer.model, with its special tokens; every file
+    is checked, and a problem is a one-line `CheckpointError` naming it."""
     folder = Path(folder)
     if (folder / "tokenizer.json").is_file():
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer = load_tokenizer_json(folder / "tokenizer.json")
         default_bos = default_eos = default_add_bos = None  # add_bos: from the post-processor, below
     elif (folder / "tokenizer.model").is_file():
         tokenizer, default_bos, default_eos = _sentencepiece_model(folder / "tokenizer.model")
         default_add_bos = True  # LlamaTokenizer's default
     else:
-        raise ValueError(f"{folder}: no tokenizer.json or tokenizer.model")
-    config = _read_json(folder / "tokenizer_config.json")
-    generation = _read_json(folder / "generation_config.json")
-    bos = _token_content(config.get("bos_token", default_bos))
-    eos = _token_content(config.get("eos_token", default_eos))
+        raise CheckpointError(folder, "no tokenizer.json or tokenizer.model")
+    config_path, generation_path = folder / "tokenizer_config.json", folder / "generation_config.json"
+    config = _side_file(config_path)
+    generation = _side_file(generation_path)
+    bos = _token_content(config_path, config, "bos_token", default_bos)
+    eos = _token_content(config_path, config, "eos_token", default_eos)
     add_bos = config.get("add_bos_token", default_add_bos)
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise CheckpointError(config_path, f"add_bos_token must be true or false, got {add_bos!r}")
     if add_bos is None:
         bos_id = tokenizer.token_to_id(bos) if bos else None
         add_bos = bos_id is not None and tokenizer.encode("a").ids[:1] == [bos_id]
     gen_eos = generation.get("eos_token_id")
-    special = _special_tokens(tokenizer, bos=bos, eos=eos, add_bos=bool(add_bos),
-                              extra_eos_ids=gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return tokenizer, special, _hf_chat_template(folder, config)
+    gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    if not all(i is None or (isinstance(i, int) and not isinstance(i, bool) and i >= 0) for i in gen_eos):
+        raise CheckpointError(generation_path, f"eos_token_id must be a token id or a list of them, "
+                                               f"got {generation.get('eos_token_id')!r}")
+    special = _special_tokens(tokenizer, bos=bos, eos=eos, add_bos=add_bos, extra_eos_ids=gen_eos)
+    return tokenizer, special, _hf_chat_template(folder, config_path, config)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def load_tokenizer_json(path: Path) -> Tokenizer:
+    """A tokenizer.json; a damaged one is a one-line error naming it (tokenizers raises bare Exceptions)."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise CheckpointError(path, f"not a readable tokenizer.json ({_first_line(e)})") from None
+
+
+def _side_file(path: Path) -> dict[str, Any]:
     """A JSON object from an optional side file; {} when it does not exist."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json_object(path, path.stem.replace("_", " "), CheckpointError) if path.is_file() else {}
 
 
-def _token_content(token: str | dict[str, Any] | None) -> str | None:
+def _token_content(path: Path, config: dict[str, Any], key: str, default: str | None) -> str | None:
     """tokenizer_config.json writes special tokens as strings or as AddedToken dicts."""
-    return token.get("content") if isinstance(token, dict) else token
+    token = config.get(key, default)
+    if isinstance(token, dict):
+        token = token.get("content")
+    if token is not None and not isinstance(token, str):
+        raise CheckpointError(path, f"{key} must be a string or an object with a string content, got "
+                                    f"{config.get(key)!r}")
+    return token
 
 
-def _hf_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+def _hf_chat_template(folder: Path, config_path: Path, config: dict[str, Any]) -> str | None:
     """The default chat template: chat_template.jinja (newer HF layout) or tokenizer_config.json's."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    template = config.get("chat_template") or _read_json(folder / "chat_template.json").get("chat_template")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(jinja, f"not UTF-8 text (byte {e.start})") from None
+    template, source = config.get("chat_template"), config_path
+    if not template and (folder / "chat_template.json").is_file():
+        source = folder / "chat_template.json"
+        template = _side_file(source).get("chat_template")
+    if isinstance(template, list) and all(isinstance(e, dict) for e in template):  # [{"name", "template"}, ...]
         named = {entry.get("name"): entry.get("template") for entry in template}
         template = named.get("default", next(iter(named.values()), None))
-    return template
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(source, "chat_template must be a string or a list of named templates")
+    return template or None
 
 
 # ---------------------------------------------------------------- special tokens

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import cache_root, fingerprint
+from ..files import cache_root, fingerprint, folder_lock
 from ..loading import Checkpoint
 from .calibration import SEED_PROMPTS, Generation, builtin_sequences, file_sequences, pack_sequences
 from .quantize_model import QUANTIZED_VERSION, QuantizedModel, quantize_model
@@ -75,18 +75,31 @@ def prepare_quantized(checkpoint: Checkpoint, recipe: Recipe, calibration_file: 
                       out: Path | None = None, progress: bool = True) -> tuple[QuantizedModel, Path]:
     """The quantized checkpoint for `recipe`: loaded from `out` (default: the cache) if already made there."""
     folder = out or quantized_cache_folder(checkpoint, recipe, calibration_file)
+    with folder_lock(folder):  # a second process quantizing the same waits, then reuses the result
+        return _prepare_locked(checkpoint, recipe, calibration_file, folder, progress, cached=out is None), folder
+
+
+def _prepare_locked(checkpoint: Checkpoint, recipe: Recipe, calibration_file: Path | None, folder: Path,
+                    progress: bool, cached: bool) -> QuantizedModel:
+    """`prepare_quantized` under the lock; a damaged cached checkpoint is made again (a user's is an error)."""
     if (folder / "quantization.json").exists():
-        model = QuantizedModel.load(folder)
-        if model.recipe == recipe and model.config == checkpoint.config:
+        try:
+            model = QuantizedModel.load(folder)
+        except ValueError as e:
+            if not cached:
+                raise
+            print(f"{e}; quantizing again", file=sys.stderr)
+            model = None
+        if model is not None and model.recipe == recipe and model.config == checkpoint.config:
             if progress:
                 print(f"reusing the quantized checkpoint {folder}", file=sys.stderr)
-            return model, folder
+            return model
     calibration, info = calibration_batch(checkpoint, calibration_file, recipe, progress)
     if progress:
         print(f"quantizing {checkpoint.name} ({recipe.describe()}) on {info['tokens']} calibration tokens "
               f"({info['source']}) into {folder}", file=sys.stderr)
     return quantize_model(checkpoint, recipe, calibration, progress, out=folder, calibration_info=info,
-                          sink_token=info["attention_sink_token"]), folder
+                          sink_token=info["attention_sink_token"])
 
 
 def load_quantized(folder: Path, checkpoint: Checkpoint) -> QuantizedModel:

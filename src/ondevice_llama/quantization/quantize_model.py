@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..attention_sink import SINK_FILE, AttentionSink
 from ..config import LlamaConfig
-from ..files import make_staging_folder, read_versioned_json, replace_folder
+from ..files import FileError, folder_lock, make_staging_folder, read_versioned_json, replace_folder
 from ..loading import Checkpoint, TensorSource
 from ..loading.names import LAYER_TENSORS
 from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
@@ -73,6 +73,15 @@ class QuantizedWeights(Mapping[str, QuantizedWeight]):
         return len(self.index)
 
 
+def _index(index: dict[str, dict]) -> dict[str, dict]:
+    """The weights index of quantization.json, checked: plain file names, 4 or 8 bits, a shape."""
+    for name, info in index.items():
+        if not (isinstance(info["file"], str) and Path(info["file"]).name == info["file"]
+                and info["bits"] in (4, 8) and isinstance(info["shape"], list)):
+            raise ValueError(f"weight {name}: bad index entry {info!r}")
+    return index
+
+
 def _write_weights(folder: Path, file: str, weights: dict[str, QuantizedWeight]) -> dict[str, dict]:
     """Write one file of quantized weights; return their index entries."""
     tensors, index = {}, {}
@@ -104,23 +113,34 @@ class QuantizedModel:
     def save(self, folder: Path) -> Path:
         """A reusable quantized checkpoint: `quantization.json` plus integer codes and scales in safetensors."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_staging_folder(folder)
-        index = _write_weights(tmp, "weights.safetensors", dict(self.weights))
-        _write_meta(tmp, self, index)
-        replace_folder(tmp, folder)
+        with folder_lock(folder):
+            tmp = make_staging_folder(folder)
+            try:
+                index = _write_weights(tmp, "weights.safetensors", dict(self.weights))
+                _write_meta(tmp, self, index)
+                replace_folder(tmp, folder)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         return folder
 
     @classmethod
     def load(cls, folder: Path | str) -> QuantizedModel:
+        """Read a quantized checkpoint; a damaged or malformed one is a one-line error naming the file."""
         folder = Path(folder)
-        meta = read_versioned_json(folder / "quantization.json", QUANTIZED_FORMAT, QUANTIZED_VERSION,
-                                   "quantized checkpoint")
-        activations = {n: ActivationEncoding.from_dict(e) for n, e in meta["activations"].items()}
-        sink = AttentionSink.load(folder / SINK_FILE) if (folder / SINK_FILE).exists() else None
-        return cls(LlamaConfig.from_dict(meta["config"]), Recipe.from_dict(meta["recipe"]),
-                   QuantizedWeights(folder, meta["weights"]), activations, meta.get("calibration", {}),
-                   meta.get("source", ""), sink)
+        path = folder / "quantization.json"
+        meta = read_versioned_json(path, QUANTIZED_FORMAT, QUANTIZED_VERSION, "quantized checkpoint")
+        try:
+            config = LlamaConfig.from_dict(meta["config"])
+            activations = {n: ActivationEncoding.from_dict(e) for n, e in meta["activations"].items()}
+            model = cls(config, Recipe.from_dict(meta["recipe"]), QuantizedWeights(folder, _index(meta["weights"])),
+                        activations, meta.get("calibration", {}), meta.get("source", ""))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FileError(path, f"malformed quantized checkpoint ({type(e).__name__}: {e})") from None
+        if (folder / SINK_FILE).exists():
+            shape = (config.num_layers, config.num_kv_heads, config.head_dim)
+            model.attention_sink = AttentionSink.load(folder / SINK_FILE, shape, config.vocab_size)
+        return model
 
 
 def _write_meta(folder: Path, model: QuantizedModel, index: dict[str, dict]) -> None:
@@ -263,12 +283,17 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
     layer, whatever the model size) and the folder becomes a quantized checkpoint that `QuantizedModel.load`
     reads; without it, everything stays in memory.
     """
+    if out is None:
+        return _quantize_model(checkpoint, recipe, calibration, progress, None, calibration_info, sink_token)
+    with folder_lock(out):
+        return _quantize_model(checkpoint, recipe, calibration, progress, Path(out), calibration_info, sink_token)
+
+
+def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Tensor, progress: bool,
+                    out: Path | None, calibration_info: dict | None, sink_token: int | None) -> QuantizedModel:
+    """`quantize_model`, holding the lock on `out` when there is one."""
     c, tensors = checkpoint.config, checkpoint.tensors
-    tmp = None
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_staging_folder(out)
+    tmp = make_staging_folder(out) if out is not None else None
     try:
         store = _WeightSink(tmp)
         if sink_token is not None and not bool((calibration[:, 0] == sink_token).all()):

@@ -38,6 +38,13 @@ class Recipe:
     clip_search: bool = True
 
     def __post_init__(self) -> None:
+        counts = (self.weight_bits, self.head_bits, self.kv_bits, self.block_size or 0, self.activation_bits or 0)
+        if not all(type(n) is int for n in counts) or not all(type(f) is bool for f in (self.act_order,
+                                                                                      self.clip_search)):
+            raise ValueError("bits and block sizes must be whole numbers, act_order and clip_search true or false")
+        overrides = self.overrides.items() if isinstance(self.overrides, dict) else [(None, None)]
+        if not all(isinstance(name, str) and type(bits) is int and bits in (4, 8) for name, bits in overrides):
+            raise ValueError("overrides must map tensor names to 4 or 8 bits")
         if self.weight_bits not in (4, 8) or self.head_bits not in (4, 8):
             raise ValueError("weight bits must be 4 or 8")
         if self.block_size not in (None, 32, 64, 128):
@@ -46,7 +53,7 @@ class Recipe:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
         if self.activation_bits not in (None, 8, 16) or self.kv_bits not in (8, 16):
             raise ValueError("activation and KV bits must be 8 or 16")
-        if not 0 <= self.damp < 10:
+        if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not 0 <= self.damp < 10:
             raise ValueError(f"GPTQ damping must be in [0, 10), got {self.damp}")
 
     def bits_for(self, tensor: str) -> int:

@@ -120,13 +120,13 @@ def select_rows(calibration: torch.Tensor, max_tokens: int) -> torch.Tensor:
 
 def check_block_size(checkpoint: Checkpoint, block_size: int | None) -> None:
     if block_size not in (None, 32, 64, 128):
-        raise ValueError(f"--block-size must be 0 (per output channel), 32, 64 or 128, got {block_size}")
+        raise ValueError(f"--block-size: must be 0 (per output channel), 32, 64 or 128, got {block_size}")
     if block_size is None:
         return
     for proj in PROJECTIONS:
         cols = checkpoint.tensors.shape(f"layers.0.{proj}")[1]
         if cols % block_size:
-            raise ValueError(f"--block-size {block_size} does not divide {proj}'s input size {cols}")
+            raise ValueError(f"--block-size: {block_size} does not divide {proj}'s input size {cols}")
 
 
 def _sqnr(signal: float, noise: float) -> float:
@@ -308,7 +308,7 @@ def choose_overrides(pieces: list[Piece], budget: float) -> dict[str, int]:
     """The pieces kept at 8 bits: lowest SQNR first while they fit in `budget` x all projection parameters
     (a piece that does not fit is skipped; see the module docstring)."""
     if not 0 <= budget <= 1:
-        raise ValueError(f"--budget must be a fraction between 0 and 1, got {budget}")
+        raise ValueError(f"--budget: must be a fraction between 0 and 1, got {budget}")
     allowed = math.floor(budget * sum(p.parameters for p in pieces) + 1e-6)  # parameters are whole
     used, overrides = 0, {}
     for piece in sorted(pieces, key=lambda p: (p.sqnr_db, p.name)):
@@ -435,9 +435,9 @@ def run_analyze(args) -> int:
 
     block_size = args.block_size or None
     if not 0 <= args.budget <= 1:
-        raise ValueError(f"--budget must be a fraction between 0 and 1, got {args.budget}")
+        raise ValueError(f"--budget: must be a fraction between 0 and 1, got {args.budget}")
     if args.max_tokens < 0:
-        raise ValueError(f"--max-tokens must be 0 (all) or positive, got {args.max_tokens}")
+        raise ValueError(f"--max-tokens: must be 0 (all) or positive, got {args.max_tokens}")
     for option, path in (("--out", args.out), ("--json", args.json), ("--plot", args.plot)):
         if path is not None and Path(path).is_dir():
             raise ValueError(f"{path}: is a folder; {option} takes a file name")

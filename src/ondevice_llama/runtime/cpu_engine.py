@@ -35,9 +35,11 @@ class CpuKVCache:
 
 
 class CpuEngine:
-    def __init__(self, folder: Path, manifest: Manifest, open_session: Callable[[Path], ort.InferenceSession]):
+    def __init__(self, folder: Path, manifest: Manifest, open_session: Callable[..., ort.InferenceSession]):
+        """`open_session(path, graph_manifest)`: a session for one graph, checked against its manifest entry."""
         self.manifest = manifest
-        self.sessions = [open_session(folder / part.graphs[DECODER].file) for part in manifest.parts]
+        self.sessions = [open_session(folder / part.graphs[DECODER].file, part.graphs[DECODER])
+                         for part in manifest.parts]
 
     def new_cache(self) -> CpuKVCache:
         c = self.manifest.config

@@ -14,9 +14,10 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from ..attention_sink import AttentionSink
-from ..manifest import Manifest, load_manifest
+from ..manifest import Manifest, load_manifest, verify_checksums
 from .cpu_engine import CpuEngine
 from .npu_engine import PROMPT_PROCESSOR, TOKEN_GENERATOR, ContextFullError, NpuEngine
+from .sessions import open_session
 
 __all__ = ["PROMPT_PROCESSOR", "TOKEN_GENERATOR", "ContextFullError", "ExportedModel", "session_options"]
 
@@ -33,22 +34,23 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def _session_factory(folder: Path, manifest: Manifest, threads: int | None, providers: list[str] | None):
-    """How to open each graph: ONNX Runtime's CPU for exports, QNN HTP for a compiled folder (its per-graph
-    binaries on the x86_64 simulator, which cannot load weight-shared ones)."""
+    """How to open each graph (`open(path, expected)`, checked against its manifest entry): ONNX Runtime's CPU for
+    exports, QNN HTP for a compiled folder (its per-graph binaries on the x86_64 simulator, which cannot load
+    weight-shared ones)."""
     if manifest.compiled is None:
-        options, providers = session_options(threads), providers or ["CPUExecutionProvider"]
-        return lambda path: ort.InferenceSession(str(path), options, providers=providers)
+        providers = providers or ["CPUExecutionProvider"]
+        return lambda path, expected: open_session(path, session_options(threads), providers, expected)
     from .. import qnn
 
     soc = qnn.soc_by_name(manifest.compiled["soc"])
     if not qnn.simulated():
-        return lambda path: ort.InferenceSession(str(path), sess_options=qnn.session_options(soc))
+        return lambda path, expected: open_session(path, qnn.session_options(soc), None, expected)
     simulator = manifest.compiled.get("simulator")
     if not simulator:
         raise ValueError(f"{folder}: compiled with --device-only; QNN's x86_64 HTP simulator cannot load its "
                          "weight-shared context binaries: compile again without --device-only to run it here")
-    return lambda path: ort.InferenceSession(str(path.parent / simulator / path.name),
-                                             sess_options=qnn.session_options(soc))
+    return lambda path, expected: open_session(path.parent / simulator / path.name, qnn.session_options(soc), None,
+                                               expected)
 
 
 class ExportedModel:
@@ -57,6 +59,7 @@ class ExportedModel:
     def __init__(self, folder: Path | str, threads: int | None = None, providers: list[str] | None = None):
         self.folder = Path(folder)
         self.manifest: Manifest = load_manifest(self.folder)
+        verify_checksums(self.folder, self.manifest)
         self.config = self.manifest.config
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer_file))
         engine = CpuEngine if self.manifest.target == "cpu" else NpuEngine
@@ -64,8 +67,8 @@ class ExportedModel:
         self.engine = engine(self.folder, self.manifest, open_session)
         sink_file = self.manifest.attention_sink_file
         c = self.config
-        self.attention_sink = (AttentionSink.load(self.folder / sink_file, (c.num_layers, c.num_kv_heads, c.head_dim))
-                               if sink_file else None)
+        self.attention_sink = (AttentionSink.load(self.folder / sink_file, (c.num_layers, c.num_kv_heads, c.head_dim),
+                                                  c.vocab_size) if sink_file else None)
 
     def model_tokens(self, tokens: list[int]) -> list[int]:
         """`tokens` as the graphs run them: a quantized export's graphs hold the attention sink (the BOS every

@@ -14,7 +14,7 @@ import numpy as np
 
 from .chat_format import Message, format_chat
 from .detokenizer import IncrementalDetokenizer
-from .exported_model import ExportedModel
+from .exported_model import ContextFullError, ExportedModel
 from .kv_cache import KVCache
 from .sampling import Sampler, SamplingConfig
 
@@ -87,7 +87,7 @@ class Generator:
         prompt = self.model.model_tokens(prompt)
         context = self.model.context_length
         if len(prompt) >= context and not slide:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context length is {context}")
+            raise ContextFullError(f"the prompt has {len(prompt)} tokens; the context length is {context}")
         on_text = on_text or (lambda _: None)
         sampler = Sampler(sampling)
         detok = IncrementalDetokenizer(self.model.tokenizer)
@@ -145,8 +145,13 @@ class ChatSession:
 
     def send(self, text: str, sampling: SamplingConfig = GREEDY, max_new_tokens: int = 256,
              on_text: Callable[[str], None] | None = None, slide: bool = False) -> GenerationResult:
+        """One turn; a turn that fails or is interrupted (Ctrl-C) is left out of the conversation."""
         self.messages.append({"role": "user", "content": text})
-        result = self.generator.generate(self.prompt_ids(), sampling, max_new_tokens,
-                                         self.model.manifest.special_tokens.eos_ids, on_text, slide)
+        try:
+            result = self.generator.generate(self.prompt_ids(), sampling, max_new_tokens,
+                                             self.model.manifest.special_tokens.eos_ids, on_text, slide)
+        except BaseException:
+            self.messages.pop()
+            raise
         self.messages.append({"role": "assistant", "content": result.text})
         return result

@@ -28,11 +28,12 @@ class ContextFullError(RuntimeError):
 
 
 class NpuEngine:
-    def __init__(self, folder: Path, manifest: Manifest, open_session: Callable[[Path], object]):
-        """`open_session(path)`: an ONNX Runtime session for one graph file (CPU, or QNN HTP)."""
+    def __init__(self, folder: Path, manifest: Manifest, open_session: Callable[..., object]):
+        """`open_session(path, graph_manifest)`: an ONNX Runtime session for one graph (CPU, or QNN HTP), checked
+        against its manifest entry."""
         self.manifest = manifest
         self.config = manifest.config
-        self.sessions: dict[str, list] = {kind: [open_session(folder / part.graphs[kind].file)
+        self.sessions: dict[str, list] = {kind: [open_session(folder / part.graphs[kind].file, part.graphs[kind])
                                                  for part in manifest.parts] for kind in GRAPH_KINDS}
 
     @property
