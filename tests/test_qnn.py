@@ -213,3 +213,14 @@ def test_compile_checks_memory_first(compiled):
     check_compile_memory(need, available=2 * need)
     with pytest.raises(ValueError, match=r"compiling needs about 1\.\d GB .* --num-parts .* swap"):
         check_compile_memory(need, available=need / 2)
+
+
+def test_chat_through_genie_says_what_our_runtime_says(compiled, capsys):
+    _, folder = compiled
+    replies = []
+    for extra in ([], ["--genie"]):
+        assert main(["chat", "--model", str(folder), "--prompt", "hello", "--max-new-tokens", "6", *extra]) == 0
+        out, err = capsys.readouterr()
+        assert "TTFT" in err.strip().splitlines()[-1]
+        replies.append(out)
+    assert replies[0] == replies[1] and replies[0].strip()

@@ -123,33 +123,40 @@ class Generator:
 
 
 class ChatSession:
-    """A multi-turn conversation with the model's own chat format."""
+    """A multi-turn conversation with the model's own chat format; `_generate` is the engine's part."""
 
     def __init__(self, model: ExportedModel, system: str | None = None):
         self.model = model
         self.generator = Generator(model)
-        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self._start(model.manifest, model.tokenizer, system)
 
-    @property
-    def manifest(self):
-        return self.model.manifest
+    def _start(self, manifest, tokenizer, system: str | None) -> None:
+        self.manifest, self.tokenizer = manifest, tokenizer
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
 
     def reset(self) -> None:
         """A new conversation (the system prompt kept)."""
         self.messages = self.messages[:1] if self.messages[:1] and self.messages[0]["role"] == "system" else []
+        self._reset_engine()
+
+    def _reset_engine(self) -> None:
         self.generator.reset()
 
     def prompt_ids(self) -> list[int]:
-        m = self.model.manifest
-        return format_chat(self.model.tokenizer, self.messages, m.special_tokens, m.chat_template)
+        m = self.manifest
+        return format_chat(self.tokenizer, self.messages, m.special_tokens, m.chat_template)
+
+    def _generate(self, prompt: list[int], sampling: SamplingConfig, max_new_tokens: int,
+                  on_text: Callable[[str], None] | None, slide: bool) -> GenerationResult:
+        return self.generator.generate(prompt, sampling, max_new_tokens, self.manifest.special_tokens.eos_ids,
+                                       on_text, slide)
 
     def send(self, text: str, sampling: SamplingConfig = GREEDY, max_new_tokens: int = 256,
              on_text: Callable[[str], None] | None = None, slide: bool = False) -> GenerationResult:
         """One turn; a turn that fails or is interrupted (Ctrl-C) is left out of the conversation."""
         self.messages.append({"role": "user", "content": text})
         try:
-            result = self.generator.generate(self.prompt_ids(), sampling, max_new_tokens,
-                                             self.model.manifest.special_tokens.eos_ids, on_text, slide)
+            result = self._generate(self.prompt_ids(), sampling, max_new_tokens, on_text, slide)
         except BaseException:
             self.messages.pop()
             raise

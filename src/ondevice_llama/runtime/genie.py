@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..manifest import Manifest, load_manifest
+from .detokenizer import IncrementalDetokenizer
+from .generate import ChatSession, GenerationResult
+from .sampling import SamplingConfig
 
 CONFIG_FILE = "genie_config.json"
 SENTENCE_COMPLETE, SENTENCE_END, SENTENCE_ABORT = 0, 3, 4
@@ -78,7 +82,7 @@ def bundle_config(folder: Path, manifest: Manifest, simulator: bool) -> dict[str
     return config
 
 
-def sampler_config(sampling) -> dict[str, Any]:
+def sampler_config(sampling: SamplingConfig) -> dict[str, Any]:
     """Genie's sampler block for a `SamplingConfig` (temperature 0: greedy)."""
     greedy = sampling.temperature == 0
     return {"version": 1, "seed": 42 if sampling.seed is None else sampling.seed, "temp": sampling.temperature,
@@ -94,7 +98,7 @@ class GenieDialog:
     """One Genie dialog over a compiled folder's bundle."""
 
     def __init__(self, folder: Path | str, simulator: bool | None = None, library: Path | None = None,
-                 sampling=None):
+                 sampling: SamplingConfig | None = None):
         """`sampling`: a `SamplingConfig` for Genie's sampler instead of the bundle's (greedy)."""
         from .. import qnn
 
@@ -164,39 +168,26 @@ def config_accepted(folder: Path | str, simulator: bool = False, library: Path |
     return status == 0
 
 
-class GenieChatSession:
-    """`ChatSession`'s interface over Genie: our chat format and streaming, Genie's engine and sampler."""
+class GenieChatSession(ChatSession):
+    """A chat whose replies Genie generates (its engine and sampler); our chat format and streaming."""
 
-    def __init__(self, folder: Path | str, system: str | None = None, sampling=None):
+    def __init__(self, folder: Path | str, system: str | None = None, sampling: SamplingConfig | None = None):
         from tokenizers import Tokenizer
 
         from ..attention_sink import AttentionSink
-        from .sampling import SamplingConfig
 
         self.dialog = GenieDialog(folder, sampling=sampling or SamplingConfig())
         m = self.dialog.manifest
-        self.tokenizer = Tokenizer.from_file(str(self.dialog.folder / m.tokenizer_file))
+        self._start(m, Tokenizer.from_file(str(self.dialog.folder / m.tokenizer_file)), system)
         self.sink = AttentionSink.load(self.dialog.folder / m.attention_sink_file) if m.attention_sink_file else None
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
-    @property
-    def manifest(self) -> Manifest:
-        return self.dialog.manifest
+    def _reset_engine(self) -> None:
+        """Nothing to do: every reply starts from a fresh dialog."""
 
-    def reset(self) -> None:
-        """A new conversation (the system prompt kept); every reply starts from a fresh dialog anyway."""
-        self.messages = self.messages[:1] if self.messages[:1] and self.messages[0]["role"] == "system" else []
-
-    def send(self, text: str, sampling=None, max_new_tokens: int = 256, on_text=None, slide: bool = False):
-        import time
-
-        from .chat_format import format_chat
-        from .detokenizer import IncrementalDetokenizer
-        from .generate import GenerationResult
-
-        m = self.dialog.manifest
-        self.messages.append({"role": "user", "content": text})
-        prompt = format_chat(self.tokenizer, self.messages, m.special_tokens, m.chat_template)
+    def _generate(self, prompt: list[int], sampling: SamplingConfig, max_new_tokens: int,
+                  on_text: Callable[[str], None] | None, slide: bool) -> GenerationResult:
+        """The whole conversation from a fresh dialog, after the attention sink the graphs hold."""
+        eos = self.manifest.special_tokens.eos_ids
         tokens = prompt[1:] if self.sink is not None and prompt[:1] == [self.sink.token] else prompt
         detokenizer, on_text = IncrementalDetokenizer(self.tokenizer), on_text or (lambda _: None)
         times: list[float] = []
@@ -204,16 +195,15 @@ class GenieChatSession:
 
         def on_token(token: int) -> None:
             times.append(time.perf_counter())
-            if token not in m.special_tokens.eos_ids:
+            if token not in eos:
                 on_text(detokenizer.add(token))
 
         reply = self.dialog.generate(tokens, max_new_tokens, on_token)
         on_text(detokenizer.flush())
-        ended = bool(reply) and reply[-1] in m.special_tokens.eos_ids
-        reply = [t for t in reply if t not in m.special_tokens.eos_ids]
-        answer = self.tokenizer.decode(reply, skip_special_tokens=True)
-        self.messages.append({"role": "assistant", "content": answer})
+        ended = bool(reply) and reply[-1] in eos
+        reply = [t for t in reply if t not in eos]
         ttft = times[0] - start if times else time.perf_counter() - start
         decode = times[-1] - times[0] if len(times) > 1 else 0.0
         stop = "eos" if ended or len(reply) < max_new_tokens else "max_new_tokens"
-        return GenerationResult(reply, answer, len(prompt), stop, ttft, decode)
+        return GenerationResult(reply, self.tokenizer.decode(reply, skip_special_tokens=True), len(prompt), stop,
+                                ttft, decode)
