@@ -75,6 +75,10 @@ class AttentionSink:
         return (key if key_encoding is None else key_encoding.quantize(key),
                 value if value_encoding is None else value_encoding.quantize(value))
 
+    def without_sink(self, tokens: list[int]) -> list[int]:
+        """`tokens` as graphs holding the sink run them: a leading sink token dropped."""
+        return list(tokens[1:]) if tokens[:1] == [self.token] else list(tokens)
+
     def with_sink(self, tokens: list[int]) -> list[int]:
         """`tokens` as the model sees them: starting with the sink token."""
         return list(tokens) if tokens[:1] == [self.token] else [self.token, *tokens]

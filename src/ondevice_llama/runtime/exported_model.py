@@ -74,8 +74,7 @@ class ExportedModel:
         """`tokens` as the graphs run them: a quantized export's graphs hold the attention sink (the BOS every
         sequence starts with) themselves, so a leading BOS is dropped (and a prompt without one is run as if it
         had it)."""
-        sink = self.attention_sink
-        return list(tokens[1:]) if sink is not None and tokens[:1] == [sink.token] else list(tokens)
+        return self.attention_sink.without_sink(tokens) if self.attention_sink is not None else list(tokens)
 
     @property
     def context_length(self) -> int:

@@ -188,7 +188,7 @@ class GenieChatSession(ChatSession):
                   on_text: Callable[[str], None] | None, slide: bool) -> GenerationResult:
         """The whole conversation from a fresh dialog, after the attention sink the graphs hold."""
         eos = self.manifest.special_tokens.eos_ids
-        tokens = prompt[1:] if self.sink is not None and prompt[:1] == [self.sink.token] else prompt
+        tokens = self.sink.without_sink(prompt) if self.sink is not None else prompt
         detokenizer, on_text = IncrementalDetokenizer(self.tokenizer), on_text or (lambda _: None)
         times: list[float] = []
         start = time.perf_counter()

@@ -36,19 +36,11 @@ class NpuEngine:
         self.sessions: dict[str, list] = {kind: [open_session(folder / part.graphs[kind].file, part.graphs[kind])
                                                  for part in manifest.parts] for kind in GRAPH_KINDS}
 
-    @property
-    def context_length(self) -> int:
-        return self.manifest.context_length
-
-    @property
-    def sequence_length(self) -> int:
-        return self.manifest.sequence_length
-
     def new_cache(self) -> KVCache:
         """A cache as long as the token generator's past (the longest any graph reads), in the graphs' KV dtypes."""
         specs = {spec.name: spec for part in self.manifest.parts for spec in part.graphs[TOKEN_GENERATOR].inputs}
         layers = range(self.config.num_layers)
-        return KVCache(self.config, layout.past_capacity(self.context_length, 1),
+        return KVCache(self.config, layout.past_capacity(self.manifest.context_length, 1),
                        [np.dtype(specs[layout.past_key_name(i)].dtype) for i in layers],
                        [np.dtype(specs[layout.past_value_name(i)].dtype) for i in layers])
 
@@ -64,7 +56,7 @@ class NpuEngine:
         c, n = self.config, self._graph(kind, 0).sequence_length
         valid = len(tokens)
         past_len = cache.length
-        capacity = layout.past_capacity(self.context_length, n)
+        capacity = layout.past_capacity(self.manifest.context_length, n)
         if not 0 < valid <= n:
             raise ValueError(f"{kind} takes 1..{n} tokens, got {valid}")
         if past_len > capacity:
@@ -95,8 +87,8 @@ class NpuEngine:
     def prefill(self, tokens: list[int], cache: KVCache) -> np.ndarray:
         """Full chunks of N through the prompt processor, a shorter last chunk left-padded; once the prompt
         processor's cache capacity (C - N) is reached, the rest token by token. Returns the last logits."""
-        n = self.sequence_length
-        pp_capacity = layout.past_capacity(self.context_length, n)
+        n = self.manifest.sequence_length
+        pp_capacity = layout.past_capacity(self.manifest.context_length, n)
         i = 0
         while i < len(tokens):
             if cache.length <= pp_capacity and len(tokens) - i > 1:
@@ -114,7 +106,7 @@ class NpuEngine:
     def all_logits(self, tokens: list[int], cache: KVCache) -> np.ndarray:
         """Every position's logits: prompt-processor chunks ending at multiples of N (so that the last one
         of a full context still finds its past within the graph's C - N slots), left padding dropped."""
-        n = self.sequence_length
+        n = self.manifest.sequence_length
         pieces, i = [], 0
         while i < len(tokens):
             chunk = tokens[i:i + n - cache.length % n]
