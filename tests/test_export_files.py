@@ -383,7 +383,7 @@ def _count_parts(monkeypatch) -> list[int]:
 def test_interrupted_export_resumes_with_verified_parts(checkpoint_dir, tmp_path, monkeypatch):
     """A stop after part 1 keeps it in the staging folder; the re-run reuses it (checksums verified), a
     damaged part is exported again, and the result equals an uninterrupted export."""
-    from ondevice_llama.export.exporter import staging_folder
+    from ondevice_llama.staging import staging_folder
 
     checkpoint = open_checkpoint(checkpoint_dir)
     out = tmp_path / "model"
@@ -426,12 +426,15 @@ def test_changed_options_do_not_resume(checkpoint_dir, tmp_path, monkeypatch):
     assert calls == [0, 1]
 
 
-@pytest.mark.parametrize("shape", ["[]", '{"key": KEY, "parts": 5}', '{"key": KEY, "parts": [{"part": []}]}',
-                                   '{"key": KEY, "parts": [{"part": PART, "sha256": []}]}',
-                                   '{"key": KEY, "parts": [{"part": PART}]}', "not json"])
+@pytest.mark.parametrize("shape", ["[]", '{"key": KEY, "parts": 5}',
+                                   '{"key": KEY, "parts": [{"index": 0, "record": []}]}',
+                                   '{"key": KEY, "parts": [{"index": 0, "record": PART, "sha256": []}]}',
+                                   '{"key": KEY, "parts": [{"index": 0, "record": PART}]}',
+                                   '{"key": KEY, "parts": [{"index": 0, "record": {"index": 0}, "sha256": SHA}]}',
+                                   "not json"])
 def test_progress_of_the_wrong_shape_counts_as_absent(checkpoint_dir, tmp_path, monkeypatch, shape):
     """A damaged progress.json in the staging folder: the export starts over instead of raising every time."""
-    from ondevice_llama.export.exporter import PROGRESS_FILE, staging_folder
+    from ondevice_llama.staging import PROGRESS_FILE, staging_folder
 
     checkpoint = open_checkpoint(checkpoint_dir)
     out = tmp_path / "model"
@@ -441,13 +444,14 @@ def test_progress_of_the_wrong_shape_counts_as_absent(checkpoint_dir, tmp_path, 
             export_model(checkpoint, out, OPTIONS, progress=False)
     progress = staging_folder(out) / PROGRESS_FILE
     real = json.loads(progress.read_text())
-    progress.write_text(shape.replace("KEY", json.dumps(real["key"])).replace("PART", json.dumps(real["parts"][0]
-                                                                                                 ["part"])))
+    first = real["parts"][0]
+    progress.write_text(shape.replace("KEY", json.dumps(real["key"])).replace("PART", json.dumps(first["record"]))
+                        .replace("SHA", json.dumps(first["sha256"])))
     with monkeypatch.context() as patch:
         calls = _count_parts(patch)
         export_model(checkpoint, out, OPTIONS, progress=False)
     assert calls == [0, 1]
-    assert load_manifest(out).parts[0].weights_sha256 == real["parts"][0]["part"]["weights_sha256"]
+    assert load_manifest(out).parts[0].weights_sha256 == first["record"]["weights_sha256"]
 
 
 def test_quiet_still_says_it_resumes(checkpoint_dir, tmp_path, monkeypatch, capsys):

@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from ..attention_sink import SINK_FILE
 from ..config import LlamaConfig
-from ..files import fingerprint, folder_lock, read_json_object, remove_stale_staging, replace_folder, sha256_file
+from ..files import fingerprint, folder_lock, remove_stale_staging, replace_folder, sha256_file
 from ..loading import Checkpoint
 from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec, with_file_records
 from ..memory import PeakRssSampler, release_free_memory
 from ..quantization.recipe import PRECISIONS as RECIPE_PRECISIONS
 from ..quantization.recipe import Recipe
+from ..staging import StagedParts, staging_folder
 from .cpu_graph import CpuGraphOptions, build_cpu_part_graph
 from .encodings_file import EncodingsFile
 from .graph import Graph, WeightFile
@@ -232,50 +233,9 @@ def _export_part(checkpoint: Checkpoint, folder: Path, part: PartSpec, options: 
 
 
 # ---- resuming an interrupted export ---------------------------------------------------------------
-PROGRESS_FILE = "progress.json"
-
-
-def staging_folder(out: Path) -> Path:
-    return out.with_name(f".{out.name}.partial")
-
-
 def _part_files(part: PartManifest) -> list[str]:
     return [part.weights_file, *(g.file for g in part.graphs.values())] + ([part.encodings_file]
                                                                          if part.encodings_file else [])
-
-
-def _finished_parts(staging: Path, key: str, plan: list[PartSpec]) -> tuple[dict[int, PartManifest], dict[str, str]]:
-    """Parts an earlier run of the same export finished, whose files still match their checksums, and those
-    checksums. A progress file that is unreadable, of another export or of the wrong shape counts as absent."""
-    try:
-        progress = read_json_object(staging / PROGRESS_FILE, "export progress")
-        if progress.get("key") != key:
-            return {}, {}
-        planned = {p.index: p.layers for p in plan}
-        finished, hashes = {}, {}
-        for entry in progress["parts"]:
-            part, sha256 = PartManifest.from_dict(entry["part"]), entry["sha256"]
-            files = _part_files(part)
-            if part.layers != planned.get(part.index) or not all(isinstance(sha256.get(f), str) for f in files):
-                return {}, {}
-            if all((staging / f).is_file() and sha256_file(staging / f) == sha256[f] for f in files):
-                finished[part.index] = part
-                hashes |= {f: sha256[f] for f in files}
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return {}, {}
-    return finished, hashes
-
-
-def _record_progress(staging: Path, key: str, parts: dict[int, PartManifest], hashes: dict[str, str]) -> None:
-    """Write progress.json; `hashes` gains the checksums of the parts' files (the weights' are in the part)."""
-    for p in parts.values():
-        for f in _part_files(p):
-            if f not in hashes:
-                hashes[f] = p.weights_sha256 if f == p.weights_file else sha256_file(staging / f)
-    entries = [{"part": asdict(p), "sha256": {f: hashes[f] for f in _part_files(p)}} for p in parts.values()]
-    tmp = staging / f"{PROGRESS_FILE}.tmp"
-    tmp.write_text(json.dumps({"key": key, "parts": entries}, indent=1))
-    tmp.replace(staging / PROGRESS_FILE)
 
 
 def _export_key(checkpoint: Checkpoint, options: ExportOptions, quantized_folder: Path | None) -> str:
@@ -368,9 +328,11 @@ def _export_parts(checkpoint: Checkpoint, out: Path, options: ExportOptions, par
     if options.target == "cpu" and options.precision != "fp32":
         target_extra = {"block_size": options.block_size, "accuracy_level": options.accuracy_level,
                         "weight_mode": "affine", "head_bits": 8}
-    key = _export_key(checkpoint, options, quantized_folder)
     staging = staging_folder(out)
-    done, hashes = _finished_parts(staging, key, parts) if staging.is_dir() else ({}, {})
+    planned = {p.index: p.layers for p in parts}
+    staged = StagedParts(staging, _export_key(checkpoint, options, quantized_folder),
+                         lambda index, record: PartManifest.from_dict(record).layers == planned.get(index))
+    done = {index: PartManifest.from_dict(record) for index, record in staged.done.items()}
     if done:  # said even with --quiet: what is reused is not a progress bar
         print(f"resuming the export in {staging}: part(s) {', '.join(str(k + 1) for k in sorted(done))} "
               f"already done and verified", file=sys.stderr)
@@ -382,8 +344,9 @@ def _export_parts(checkpoint: Checkpoint, out: Path, options: ExportOptions, par
         with tqdm(total=total, unit="layer", disable=not progress, dynamic_ncols=True) as bar:
             for part in parts:
                 if part.index not in done:
-                    done[part.index] = _export_part(checkpoint, staging, part, options, bar, quantization)
-                    _record_progress(staging, key, done, hashes)
+                    done[part.index] = finished = _export_part(checkpoint, staging, part, options, bar, quantization)
+                    staged.record(part.index, asdict(finished), _part_files(finished),
+                                  {finished.weights_file: finished.weights_sha256})
         checkpoint.tokenizer.save(str(staging / "tokenizer.json"))
         sink = quantization.attention_sink if quantization is not None else None
         if sink is not None:
@@ -396,9 +359,9 @@ def _export_parts(checkpoint: Checkpoint, out: Path, options: ExportOptions, par
             all_logits=options.all_logits, parts=tuple(done[p.index] for p in parts), extra=target_extra | extra(),
             attention_sink_file=SINK_FILE if sink is not None else None,
         )
-        manifest = with_file_records(manifest, staging, hashes)
+        manifest = with_file_records(manifest, staging, staged.sha256)
         manifest.save(staging)
-        (staging / PROGRESS_FILE).unlink()
+        staged.finish()
         replace_folder(staging, out)
     except BaseException:
         if done:
