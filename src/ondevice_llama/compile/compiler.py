@@ -41,8 +41,14 @@ from . import genie, graph_names
 GRAPH_KINDS = ("prompt_processor", "token_generator")
 FORMAT = "qnn-context-binary"
 SIMULATOR_FOLDER = "simulator"  # the same graphs, a context binary each: what the x86_64 HTP simulator can load
-# HTP prepare seconds per graph node on this 2-core machine, a rough fit for the progress bar's ETA
-SECONDS_PER_NODE = {"prompt_processor": 0.03, "token_generator": 0.01}
+# HTP prepare seconds on this 2-core machine per graph node and per GB of weights, fitted to the default model and
+# to a Llama-2-7B part (benchmarks/qnn_compile.py): only for the progress bar's ETA.
+PREPARE_SECONDS = {"prompt_processor": (0.0081, 249.0), "token_generator": (0.0046, 84.0)}
+
+
+def prepare_estimate(kind: str, nodes: int, weights_bytes: int) -> float:
+    per_node, per_gb = PREPARE_SECONDS[kind]
+    return per_node * nodes + per_gb * weights_bytes / 1e9
 
 
 # Peak RSS of compiling one part (both graphs into the shared context; the token generator, last, peaks), as a
@@ -215,11 +221,13 @@ def _compile_part(export: Path, staging: Path, manifest: Manifest, part: PartMan
     sources = {kind: graph_names.ranked_path(export / part.graphs[kind].file, part.index, parts)
                for kind in GRAPH_KINDS}
     nodes = {kind: _node_count(export / part.graphs[kind].file) for kind in GRAPH_KINDS}
+    weights = (export / part.weights_file).stat().st_size
+    estimates = {kind: prepare_estimate(kind, nodes[kind], weights) for kind in GRAPH_KINDS}
     for kind in GRAPH_KINDS:
         description = f"part {part.index + 1}/{parts} {kind.replace('_', ' ')}"
         share = "close" if kind == GRAPH_KINDS[-1] else "open"
         graphs[kind] = _prepare(sources[kind], staging / part.graphs[kind].file, soc, share, description,
-                                nodes[kind] * SECONDS_PER_NODE[kind], progress) | {"nodes": nodes[kind], "cpu_nodes": 0}
+                                estimates[kind], progress) | {"nodes": nodes[kind], "cpu_nodes": 0}
     written = staging / f"{Path(part.graphs[GRAPH_KINDS[0]].file).stem}_qnn.bin"
     binary = binary_name(part.index, parts)
     written.replace(staging / binary)
@@ -227,16 +235,15 @@ def _compile_part(export: Path, staging: Path, manifest: Manifest, part: PartMan
     for kind in GRAPH_KINDS:
         graphs[kind]["qnn_graph"] = _point_at(staging / graphs[kind]["file"], binary)
         files.append(graphs[kind]["file"])
-    record = {"binary": binary, "binary_bytes": (staging / binary).stat().st_size,
-              "export_weights_bytes": (export / part.weights_file).stat().st_size, "graphs": graphs}
+    record = {"binary": binary, "binary_bytes": (staging / binary).stat().st_size, "export_weights_bytes": weights,
+              "graphs": graphs}
     if simulator:
         (staging / SIMULATOR_FOLDER).mkdir(exist_ok=True)
         alone = {}
         for kind in GRAPH_KINDS:
             wrapper = staging / SIMULATOR_FOLDER / part.graphs[kind].file
             description = f"part {part.index + 1}/{parts} {kind.replace('_', ' ')} (simulator)"
-            alone[kind] = _prepare(sources[kind], wrapper, soc, None, description,
-                                   nodes[kind] * SECONDS_PER_NODE[kind], progress)
+            alone[kind] = _prepare(sources[kind], wrapper, soc, None, description, estimates[kind], progress)
             _context_node(wrapper)
             alone[kind]["binary_bytes"] = wrapper.with_name(f"{wrapper.stem}_qnn.bin").stat().st_size
             files += [f"{SIMULATOR_FOLDER}/{wrapper.name}", f"{SIMULATOR_FOLDER}/{wrapper.stem}_qnn.bin"]
