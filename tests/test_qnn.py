@@ -224,3 +224,13 @@ def test_chat_through_genie_says_what_our_runtime_says(compiled, capsys):
         assert "TTFT" in err.strip().splitlines()[-1]
         replies.append(out)
     assert replies[0] == replies[1] and replies[0].strip()
+
+
+def test_bench_measures_a_compiled_folder(compiled, tmp_path, capsys):
+    _, folder = compiled
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(folder), "--repetitions", "1", "--prompt-lengths", "8,16",
+                 "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["target"] == "npu" and report["parts"] == 2 and set(report["ttft_s"]) == {"8", "16"}
+    assert report["decode_tok_per_s"] > 0 and "TTFT 8 tokens" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from ..attention_sink import AttentionSink
 from ..manifest import Manifest, load_manifest, verify_checksums
 from .cpu_engine import CpuEngine
+from .engine import Cache, Engine
 from .npu_engine import PROMPT_PROCESSOR, TOKEN_GENERATOR, ContextFullError, NpuEngine
 from .sessions import open_session
 
@@ -64,7 +65,7 @@ class ExportedModel:
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.manifest.tokenizer_file))
         engine = CpuEngine if self.manifest.target == "cpu" else NpuEngine
         open_session = _session_factory(self.folder, self.manifest, threads, providers)
-        self.engine = engine(self.folder, self.manifest, open_session)
+        self.engine: Engine = engine(self.folder, self.manifest, open_session)
         sink_file = self.manifest.attention_sink_file
         c = self.config
         self.attention_sink = (AttentionSink.load(self.folder / sink_file, (c.num_layers, c.num_kv_heads, c.head_dim),
@@ -85,14 +86,14 @@ class ExportedModel:
     def sequence_length(self) -> int:
         return self.manifest.sequence_length
 
-    def new_cache(self):
+    def new_cache(self) -> Cache:
         return self.engine.new_cache()
 
-    def reset_cache(self, cache) -> None:
+    def reset_cache(self, cache: Cache) -> None:
         """Back to what `new_cache` gives."""
         cache.truncate(0)
 
-    def prefill(self, tokens: list[int], cache) -> np.ndarray:
+    def prefill(self, tokens: list[int], cache: Cache) -> np.ndarray:
         """Process model tokens after what `cache` holds; returns the last token's logits [vocab]."""
         if not tokens:
             raise ValueError("prefill needs at least one token")
@@ -113,7 +114,7 @@ class ExportedModel:
             rows.append(self.engine.all_logits(ids, self.new_cache()))
         return np.concatenate(rows)
 
-    def decode(self, token: int, cache) -> np.ndarray:
+    def decode(self, token: int, cache: Cache) -> np.ndarray:
         """One token through the token generator; returns its logits [vocab]."""
         if cache.length >= self.context_length:
             raise ContextFullError(f"the context length {self.context_length} is reached")
