@@ -366,6 +366,14 @@ def _stop_at_second_part(monkeypatch) -> None:
     monkeypatch.setattr(exporter, "_export_part", export_part)
 
 
+def _export_interrupted_at_second_part(checkpoint, out: Path, monkeypatch) -> None:
+    """Run an export into ``out`` that stops (as on Ctrl-C) when it reaches part 2."""
+    with monkeypatch.context() as patch:
+        _stop_at_second_part(patch)
+        with pytest.raises(KeyboardInterrupt):
+            export_model(checkpoint, out, OPTIONS, progress=False)
+
+
 def _count_parts(monkeypatch) -> list[int]:
     """Record which parts the export really builds."""
     from ondevice_llama.export import exporter
@@ -387,10 +395,7 @@ def test_interrupted_export_resumes_with_verified_parts(checkpoint_dir, tmp_path
 
     checkpoint = open_checkpoint(checkpoint_dir)
     out = tmp_path / "model"
-    with monkeypatch.context() as patch:
-        _stop_at_second_part(patch)
-        with pytest.raises(KeyboardInterrupt):
-            export_model(checkpoint, out, OPTIONS, progress=False)
+    _export_interrupted_at_second_part(checkpoint, out, monkeypatch)
     staging = staging_folder(out)
     assert not out.exists() and (staging / "weights_part1.bin").exists()
     assert not (staging / "weights_part2.bin").exists()
@@ -402,10 +407,7 @@ def test_interrupted_export_resumes_with_verified_parts(checkpoint_dir, tmp_path
     assert [p.weights_sha256 for p in manifest.parts] == [p.weights_sha256 for p in reference.parts]
     assert load_manifest(out).parts == manifest.parts
 
-    with monkeypatch.context() as patch:  # a damaged staged part is not trusted
-        _stop_at_second_part(patch)
-        with pytest.raises(KeyboardInterrupt):
-            export_model(checkpoint, tmp_path / "again", OPTIONS, progress=False)
+    _export_interrupted_at_second_part(checkpoint, tmp_path / "again", monkeypatch)  # a damaged part is not trusted
     damaged = staging_folder(tmp_path / "again") / "weights_part1.bin"
     damaged.write_bytes(b"\1" + damaged.read_bytes()[1:])
     with monkeypatch.context() as patch:
@@ -416,10 +418,7 @@ def test_interrupted_export_resumes_with_verified_parts(checkpoint_dir, tmp_path
 
 def test_changed_options_do_not_resume(checkpoint_dir, tmp_path, monkeypatch):
     checkpoint = open_checkpoint(checkpoint_dir)
-    with monkeypatch.context() as patch:
-        _stop_at_second_part(patch)
-        with pytest.raises(KeyboardInterrupt):
-            export_model(checkpoint, tmp_path / "m", OPTIONS, progress=False)
+    _export_interrupted_at_second_part(checkpoint, tmp_path / "m", monkeypatch)
     with monkeypatch.context() as patch:
         calls = _count_parts(patch)
         export_model(checkpoint, tmp_path / "m", replace(OPTIONS, sequence_length=4), progress=False)
@@ -438,10 +437,7 @@ def test_progress_of_the_wrong_shape_counts_as_absent(checkpoint_dir, tmp_path, 
 
     checkpoint = open_checkpoint(checkpoint_dir)
     out = tmp_path / "model"
-    with monkeypatch.context() as patch:
-        _stop_at_second_part(patch)
-        with pytest.raises(KeyboardInterrupt):
-            export_model(checkpoint, out, OPTIONS, progress=False)
+    _export_interrupted_at_second_part(checkpoint, out, monkeypatch)
     progress = staging_folder(out) / PROGRESS_FILE
     real = json.loads(progress.read_text())
     first = real["parts"][0]

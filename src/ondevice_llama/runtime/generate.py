@@ -37,8 +37,9 @@ class GenerationResult:
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
 
     def timing_line(self) -> str:
+        # Three significant digits: a simulated NPU decodes at a few hundredths of a token per second.
         return (f"[{self.prompt_tokens} prompt tokens, TTFT {self.ttft_s:.3f} s, {len(self.token_ids)} tokens, "
-                f"{self.decode_tokens_per_s:.1f} tokens/s, stop: {self.stop_reason}]")
+                f"{self.decode_tokens_per_s:.3g} tokens/s, stop: {self.stop_reason}]")
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
