@@ -10,9 +10,9 @@ import torch
 from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.model import build_reference
-from ondevice_llama.quantization.simulate import FakeQuantSource, WeightScheme, fake_quantize, uniform_recipe
 from ondevice_llama.runtime import ExportedModel, Generator, format_chat
 
+from .simulate import FakeQuantSource, WeightScheme, fake_quantize, uniform_recipe
 from .test_default_model import NEW_TOKENS, PROMPTS
 
 C = 64

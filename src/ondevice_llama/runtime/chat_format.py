@@ -14,7 +14,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from ondevice_llama.config import SpecialTokens
+from ..config import SpecialTokens
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
