@@ -71,6 +71,16 @@ def test_runtime_imports_no_torch(exported):
     assert run.stdout.strip().endswith("ok")
 
 
+def test_export_and_quantization_do_not_import_the_runtime():
+    """File formats (manifest, attention sink, chat format) sit a floor below the runtime, so building an
+    export loads neither the runtime nor onnxruntime and jinja2."""
+    code = ("import sys, ondevice_llama.export, ondevice_llama.quantization.pipeline; "
+            "loaded = [m for m in ('onnxruntime', 'jinja2', 'ondevice_llama.runtime') if m in sys.modules]; "
+            "sys.exit(str(loaded) if loaded else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
 def test_greedy_generation_matches_reference(tiny_checkpoints, model):
     prompt = list(range(10, 31))  # 21 tokens: chunks of 8, 8 and a padded 5
     result = Generator(model).generate(prompt, max_new_tokens=12)

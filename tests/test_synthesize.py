@@ -136,7 +136,7 @@ def test_reference_model_output_is_sane(tmp_path):
 def test_sentencepiece_tokenizer_gets_llama2_ids_and_template(tmp_path, monkeypatch):
     if not LLAMA2_MODEL.is_file():
         pytest.skip(f"shared Llama-2 tokenizer.model not found at {LLAMA2_MODEL}")
-    from ondevice_llama.runtime.chat_format import format_chat
+    from ondevice_llama.chat_format import format_chat
 
     config = replace(PRESETS["llama-2-7b-chat"], hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                      num_kv_heads=2, head_dim=16)

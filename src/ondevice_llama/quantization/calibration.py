@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from ..adapt.mask import MASK_VALUE
+from ..chat_format import encode_text, format_chat
 from ..loading import Checkpoint
 from ..model.reference import apply_rope, rms_norm, rope_cos_sin
-from ..runtime.chat_format import encode_text, format_chat
 from .encodings import ActivationEncoding, is_kv_tap
 
 CHATS: tuple[tuple[str, str], ...] = (
