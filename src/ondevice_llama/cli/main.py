@@ -350,13 +350,13 @@ def run_synthesize(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..evaluation.command import run_evaluate
+    from .evaluate import run_evaluate
 
     return run_evaluate(args)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from ..quantization.sensitivity import run_analyze
+    from .analyze import run_analyze
 
     return run_analyze(args)
 
