@@ -8,13 +8,10 @@ those parts and exports only the rest.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from tqdm import tqdm
 
 from ..attention_sink import SINK_FILE
 from ..config import LlamaConfig
-from ..files import fingerprint, folder_lock, remove_stale_staging, replace_folder, sha256_file
+from ..files import cache_key, fingerprint, folder_lock, remove_stale_staging, replace_folder, sha256_file
 from ..loading import Checkpoint
 from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec, with_file_records
 from ..memory import PeakRssSampler, release_free_memory
@@ -240,9 +237,8 @@ def _part_files(part: PartManifest) -> list[str]:
 
 def _export_key(checkpoint: Checkpoint, options: ExportOptions, quantized_folder: Path | None) -> str:
     """Identity of an export: the same key means a staged part can be reused."""
-    identity = [fingerprint(checkpoint.path), asdict(options), version("ondevice-llama"),
-                fingerprint(quantized_folder) if quantized_folder else None]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_key(fingerprint(checkpoint.path), asdict(options),
+                     fingerprint(quantized_folder) if quantized_folder else None)
 
 
 def _quantization(checkpoint: Checkpoint, options: ExportOptions, recipe: Recipe | None, progress: bool
