@@ -40,10 +40,9 @@ from tqdm import tqdm
 from ..loading import Checkpoint
 from ..model.reference import Block, apply_rope, rms_norm, rope_cos_sin
 from .quantize_model import PROJECTIONS, SHARED_INPUT, _dequantized, _linear, _load_block, _quantize_weight
-from .recipe import Recipe
+from .recipe import BLOCK_SIZES, BLOCK_SIZES_TEXT, DEFAULT_BLOCK_SIZE, Recipe
 
 BITS = 4
-DEFAULT_BLOCK_SIZE = 32  # export's default
 DEFAULT_BUDGET = 0.1  # at most 10% of the projection parameters at 8 bits
 DEFAULT_MAX_TOKENS = 4096  # calibration tokens measured on (evenly spaced rows)
 OVERRIDE_BITS = 8
@@ -119,8 +118,8 @@ def select_rows(calibration: torch.Tensor, max_tokens: int) -> torch.Tensor:
 
 
 def check_block_size(checkpoint: Checkpoint, block_size: int | None) -> None:
-    if block_size not in (None, 32, 64, 128):
-        raise ValueError(f"--block-size: must be 0 (per output channel), 32, 64 or 128, got {block_size}")
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise ValueError(f"--block-size: must be 0 (per output channel), {BLOCK_SIZES_TEXT}, got {block_size}")
     if block_size is None:
         return
     for proj in PROJECTIONS:
