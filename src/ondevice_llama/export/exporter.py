@@ -22,6 +22,7 @@ from ..attention_sink import SINK_FILE
 from ..config import LlamaConfig
 from ..files import cache_key, fingerprint, folder_lock, remove_stale_staging, replace_folder, sha256_file
 from ..loading import Checkpoint
+from ..loading.names import num_parameters
 from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec, with_file_records
 from ..memory import PeakRssSampler, release_free_memory
 from ..quantization.recipe import (
@@ -67,7 +68,7 @@ TARGETS = ("npu", "cpu")
 
 
 def default_num_parts(config: LlamaConfig) -> int:
-    params = config.num_parameters
+    params = num_parameters(config)
     parts = 4 if params >= SEVEN_B_PARAMETERS else 2 if params >= 1_000_000_000 else 1
     return min(parts, config.num_layers)
 
@@ -79,7 +80,7 @@ NPU_CONTEXT_LENGTH = 1024
 
 
 def default_context_length(config: LlamaConfig, target: str = "npu") -> int:
-    if target == "npu" or config.num_parameters >= SEVEN_B_PARAMETERS:
+    if target == "npu" or num_parameters(config) >= SEVEN_B_PARAMETERS:
         return min(NPU_CONTEXT_LENGTH, config.max_position_embeddings)
     return min(2048, config.max_position_embeddings)
 

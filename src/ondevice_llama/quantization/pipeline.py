@@ -13,6 +13,7 @@ import torch
 
 from ..files import cache_path, fingerprint, folder_lock
 from ..loading import Checkpoint
+from ..loading.names import num_parameters
 from .calibration import SEED_PROMPTS, Generation, builtin_sequences, file_sequences, pack_sequences
 from .quantize_model import QUANTIZED_VERSION, QuantizedModel, quantize_model
 from .recipe import Recipe
@@ -28,7 +29,7 @@ GENERATED_CALIBRATION_PARAMETERS = (50_000_000, 2_000_000_000)
 
 def uses_generated_calibration(checkpoint: Checkpoint, recipe: Recipe | None) -> bool:
     low, high = GENERATED_CALIBRATION_PARAMETERS
-    return recipe is not None and recipe.algorithm == "gptq" and low <= checkpoint.config.num_parameters <= high
+    return recipe is not None and recipe.algorithm == "gptq" and low <= num_parameters(checkpoint.config) <= high
 
 
 def calibration_token_estimate(generated: bool, from_file: bool) -> int:
