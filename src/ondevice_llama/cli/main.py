@@ -24,6 +24,9 @@ from ..quantization.recipe import (
 )
 
 EXIT_BAD_INPUT = 2
+# A module that only an extra installs -> that extra (pyproject.toml); the base install is the runtime.
+EXTRA_OF_MODULE = {"torch": "export", "onnx": "export", "gguf": "export", "sentencepiece": "export",
+                   "matplotlib": "plot"}
 REPL_CONTEXT_FULL = ("[the conversation fills the context ({detail}): /reset starts a new one, or run chat with "
                      "--slide to keep its newest half and go on]")
 
@@ -396,6 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "synthesize": run_synthesize, "analyze": run_analyze}
     try:
         return commands[args.command](args)
+    except ModuleNotFoundError as e:
+        extra = EXTRA_OF_MODULE.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f'error: {args.command}: needs the {extra} extra: pip install -e ".[{extra}]"', file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
