@@ -29,7 +29,7 @@ PROMPT = 1024
 
 SPEED = """
 import json, sys, time
-from ondevice_llama.cli.bench import Runner, draw_tokens, special_ids
+from ondevice_llama.runtime.bench import Runner, draw_tokens, special_ids
 from ondevice_llama.runtime import ExportedModel
 model = ExportedModel(sys.argv[1], threads=int(sys.argv[2]) or None)
 runner = Runner(model, draw_tokens({prompt}, model.config.vocab_size, special_ids(model.tokenizer)))
@@ -119,7 +119,7 @@ def main() -> int:
     if args.json.exists():  # keep the latest entry of each target not measured in this run
         earlier = json.loads(args.json.read_text()).get("entries", [])
         entries = [e for e in earlier if e["target"] not in targets] + entries
-    from ondevice_llama.cli.bench import machine_info
+    from ondevice_llama.runtime.bench import machine_info
 
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
               "checkpoint": str(args.checkpoint), "model": "synthetic Llama-2-7B-Chat (exact config, random weights)",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ondevice_llama.cli.bench import Runner, draw_tokens, machine_info, median_spread, special_ids
+from ondevice_llama.runtime.bench import Runner, draw_tokens, machine_info, median_spread, special_ids
 
 TTFT_LENGTHS = (128, 512)
 DECODE_PROMPT = 128

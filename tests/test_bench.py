@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from ondevice_llama.cli.bench import draw_tokens, median_spread, timed_parts
 from ondevice_llama.cli.main import main
 from ondevice_llama.config import LlamaConfig
 from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.loading.synthetic import write_synthetic_checkpoint
 from ondevice_llama.runtime import ExportedModel
+from ondevice_llama.runtime.bench import draw_tokens, median_spread, timed_parts
 
 CONFIG = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
 TARGETS = {"cpu": ExportOptions(target="cpu", context_length=256),
@@ -93,6 +93,6 @@ def test_helpers():
 
 
 def test_bench_module_does_not_import_torch():
-    code = ("import sys, ondevice_llama.cli.bench, ondevice_llama.runtime; "
+    code = ("import sys, ondevice_llama.cli.bench, ondevice_llama.runtime.bench; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -9,10 +9,10 @@ import jinja2
 import pytest
 import sentencepiece
 
+from ondevice_llama.chat_format import encode_text, format_chat
 from ondevice_llama.config import SpecialTokens
 from ondevice_llama.loading.gguf_file import GGUFFile
 from ondevice_llama.loading.tokenizer import tokenizer_from_gguf, tokenizer_from_hf_folder
-from ondevice_llama.runtime.chat_format import encode_text, format_chat
 
 LLAMA2_MODEL = Path(__file__).resolve().parents[2] / "shared/data/llama2-tokenizer/tokenizer.model"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

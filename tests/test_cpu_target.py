@@ -9,10 +9,11 @@ import torch
 
 from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
+from ondevice_llama.loading.names import num_parameters
 from ondevice_llama.model import build_reference
-from ondevice_llama.quantization.simulate import FakeQuantSource, WeightScheme, fake_quantize, uniform_recipe
 from ondevice_llama.runtime import ExportedModel, Generator, format_chat
 
+from .simulate import FakeQuantSource, WeightScheme, fake_quantize, uniform_recipe
 from .test_default_model import NEW_TOKENS, PROMPTS
 
 C = 64
@@ -75,7 +76,7 @@ def test_tied_embedding_is_stored_once(tiny_checkpoints, tmp_path):
     v, h = checkpoint.config.vocab_size, checkpoint.config.hidden_size
     assert not [t.name for t in model.graph.initializer if list(t.dims) == [v, h]]
     stored = (tmp_path / "cpu" / "weights_part1.bin").stat().st_size
-    assert stored < 0.6 * 4 * checkpoint.config.num_parameters  # 4/8-bit weights, nothing twice
+    assert stored < 0.6 * 4 * num_parameters(checkpoint.config)  # 4/8-bit weights, nothing twice
 
 
 def test_default_gguf_transcodes_losslessly(default_checkpoint):

@@ -17,6 +17,7 @@ from ondevice_llama.config import LlamaConfig
 from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.export.memory_check import GB, NotEnoughMemory, check_memory, estimate_export_memory
 from ondevice_llama.loading import open_checkpoint
+from ondevice_llama.loading.names import num_parameters
 from ondevice_llama.quantization.recipe import Recipe
 
 LLAMA_2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -73,7 +74,7 @@ def test_estimate_grows_with_what_each_phase_holds():
     reuse = estimate_export_memory(LLAMA_2_7B, "npu", "w4a16", rtn, generated_calibration=False, quantize=False)
     assert npu_rtn.peak_phase == "quantize" and set(reuse.phases) == {"export"}
     assert reuse.peak_bytes < npu_rtn.peak_bytes < npu_gptq.peak_bytes < generated.peak_bytes
-    assert generated.peak_phase == "calibration text" and generated.peak_bytes > 4 * LLAMA_2_7B.num_parameters
+    assert generated.peak_phase == "calibration text" and generated.peak_bytes > 4 * num_parameters(LLAMA_2_7B)
     # One layer, not the model: a 7B export stays far below its 13.5 GB of fp16 weights without GPTQ.
     assert npu_rtn.peak_bytes < 8 * GB
     cpu = estimate_export_memory(LLAMA_2_7B, "cpu", "w4", None, generated_calibration=False, quantize=False)

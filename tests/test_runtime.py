@@ -71,6 +71,46 @@ def test_runtime_imports_no_torch(exported):
     assert run.stdout.strip().endswith("ok")
 
 
+# What only the export extra installs (pyproject.toml), and the plot extra's matplotlib.
+NOT_IN_THE_BASE_INSTALL = ("torch", "transformers", "onnx", "gguf", "sentencepiece", "matplotlib")
+
+
+def _without_extras(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where nothing of the extras can be imported, as in a base install."""
+    block = f"import sys\nfor name in {NOT_IN_THE_BASE_INSTALL!r}:\n    sys.modules[name] = None\n"
+    return subprocess.run([sys.executable, "-c", block + textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_base_install_chats_with_an_export(chat_model):
+    run = _without_extras(f"""
+        from ondevice_llama.cli.main import main
+        sys.exit(main(["chat", "--model", {str(chat_model.folder)!r}, "--prompt", "hi", "--max-new-tokens", "4"]))
+    """)
+    assert run.returncode == 0, run.stderr
+    assert "TTFT" in run.stderr.strip().splitlines()[-1]
+
+
+def test_a_command_whose_extra_is_missing_says_which_to_install(tiny_checkpoints, tmp_path):
+    run = _without_extras(f"""
+        from ondevice_llama.cli.main import main
+        sys.exit(main(["export", "--checkpoint", {str(tiny_checkpoints["gqa_tied"])!r}, "--out",
+                       {str(tmp_path / "out")!r}, "--quiet"]))
+    """)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == 'error: export: needs the export extra: pip install -e ".[export]"'
+
+
+def test_export_and_quantization_do_not_import_the_runtime():
+    """File formats (manifest, attention sink, chat format) sit a floor below the runtime, so building an
+    export loads neither the runtime nor onnxruntime and jinja2."""
+    code = ("import sys, ondevice_llama.export, ondevice_llama.quantization.pipeline; "
+            "loaded = [m for m in ('onnxruntime', 'jinja2', 'ondevice_llama.runtime') if m in sys.modules]; "
+            "sys.exit(str(loaded) if loaded else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
 def test_greedy_generation_matches_reference(tiny_checkpoints, model):
     prompt = list(range(10, 31))  # 21 tokens: chunks of 8, 8 and a padded 5
     result = Generator(model).generate(prompt, max_new_tokens=12)

@@ -13,6 +13,7 @@ import pytest
 from ondevice_llama.cli.main import main
 from ondevice_llama.config import LlamaConfig, RopeScaling
 from ondevice_llama.loading import open_checkpoint, synthetic
+from ondevice_llama.loading.names import num_parameters
 from ondevice_llama.loading.synthetic import (
     GB,
     LLAMA2_CHAT_TEMPLATE,
@@ -51,7 +52,7 @@ def safetensors_header(path: Path) -> dict:
 
 def test_presets_are_the_real_models():
     llama2 = PRESETS["llama-2-7b-chat"]
-    assert llama2.num_parameters == 6_738_415_616  # Llama-2-7B
+    assert num_parameters(llama2) == 6_738_415_616  # Llama-2-7B
     shapes = tensor_shapes(llama2)
     shards = plan_shards(shapes, 2, PRESET_FILES["llama-2-7b-chat"].shard_bytes)
     sizes = [sum(int(np.prod(shapes[n])) * 2 for n in names) for names in shards]
@@ -59,9 +60,9 @@ def test_presets_are_the_real_models():
     assert "model.layers.23.mlp.down_proj.weight" in shards[0]
     assert "model.layers.24.self_attn.q_proj.weight" in shards[1]
     assert checkpoint_bytes(llama2, "float16") == sum(sizes)
-    assert PRESETS["llama-3.2-1b"].num_parameters == 1_235_814_400
-    assert PRESETS["llama-3.2-3b"].num_parameters == 3_212_749_824
-    assert PRESETS["tinyllama-1.1b"].num_parameters == 1_100_048_384
+    assert num_parameters(PRESETS["llama-3.2-1b"]) == 1_235_814_400
+    assert num_parameters(PRESETS["llama-3.2-3b"]) == 3_212_749_824
+    assert num_parameters(PRESETS["tinyllama-1.1b"]) == 1_100_048_384
     three = PRESETS["llama-3.2-3b"]
     assert len(plan_shards(tensor_shapes(three), 2, PRESET_FILES["llama-3.2-3b"].shard_bytes)) == 2  # like the real one
     for name, config in PRESETS.items():
@@ -136,7 +137,7 @@ def test_reference_model_output_is_sane(tmp_path):
 def test_sentencepiece_tokenizer_gets_llama2_ids_and_template(tmp_path, monkeypatch):
     if not LLAMA2_MODEL.is_file():
         pytest.skip(f"shared Llama-2 tokenizer.model not found at {LLAMA2_MODEL}")
-    from ondevice_llama.runtime.chat_format import format_chat
+    from ondevice_llama.chat_format import format_chat
 
     config = replace(PRESETS["llama-2-7b-chat"], hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                      num_kv_heads=2, head_dim=16)

@@ -149,15 +149,6 @@ class LlamaConfig:
         """Query heads that share one key/value head (1 for multi-head attention)."""
         return self.num_heads // self.num_kv_heads
 
-    @property
-    def num_parameters(self) -> int:
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        attn = h * self.num_heads * self.head_dim * 2 + h * kv * 2
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * per_layer + h + head
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

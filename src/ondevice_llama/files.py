@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,23 @@ class FileError(ValueError):
 
 
 def cache_root() -> Path:
-    """Where derived artefacts (cached exports, quantized checkpoints) live; $ONDEVICE_LLAMA_CACHE overrides."""
+    """Where derived artefacts (cached exports, quantized checkpoints, calibration text, verified checksums)
+    live; $ONDEVICE_LLAMA_CACHE overrides."""
     return Path(os.environ.get("ONDEVICE_LLAMA_CACHE", Path.home() / ".cache" / "ondevice-llama"))
+
+
+def cache_key(*identity: Any) -> str:
+    """The one cache-key rule: the sha256 (hex) of what identifies a derived artefact, as JSON with sorted keys
+    (anything JSON does not know, such as a Path, as its str), followed by the package version, so that an
+    artefact made by another version is never reused."""
+    text = json.dumps([*identity, version("ondevice-llama")], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_path(kind: str, name: str, *identity: Any, suffix: str = "") -> Path:
+    """Where a derived artefact of `kind` lives: cache_root()/kind/<name>-<12 hex digits of cache_key><suffix>."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+    return cache_root() / kind / f"{safe}-{cache_key(*identity)[:12]}{suffix}"
 
 
 def fingerprint(path: Path) -> list:
@@ -115,8 +131,7 @@ def sha256_matches(path: Path, expected: str) -> bool:
     folder under the file's path, size and mtime, so a file changed since (even in place) is hashed again."""
     path = Path(path).resolve()
     stat = path.stat()
-    key = json.dumps([str(path), stat.st_size, stat.st_mtime_ns, expected])
-    stamp = cache_root() / "verified" / hashlib.sha256(key.encode()).hexdigest()
+    stamp = cache_root() / "verified" / cache_key(str(path), stat.st_size, stat.st_mtime_ns, expected)
     if stamp.exists():
         return True
     if sha256_file(path) != expected:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from dataclasses import asdict
-from importlib.metadata import version
 from pathlib import Path
 
-from ..files import cache_root, fingerprint, folder_lock
+from ..files import cache_path, fingerprint, folder_lock
 from ..manifest import FORMAT_VERSION, ManifestError, load_manifest, verify_checksums
 
 
@@ -33,9 +30,7 @@ def cache_folder(path: Path, options) -> Path:
     """Where the export of checkpoint `path` with `options` is cached: a key of the file(s) and the options."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    key = json.dumps([fingerprint(path), asdict(options), FORMAT_VERSION, version("ondevice-llama")], sort_keys=True,
-                     default=str)
-    return cache_root() / "exports" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return cache_path("exports", path.stem, fingerprint(path), asdict(options), FORMAT_VERSION)
 
 
 def _intact(folder: Path) -> bool:

@@ -13,7 +13,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ..quantization.recipe import (
+    ALGORITHMS,
+    BLOCK_SIZES,
+    BLOCK_SIZES_TEXT,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_PRECISION,
+    PRECISIONS,
+    TARGET_PRECISIONS,
+)
+
 EXIT_BAD_INPUT = 2
+# A module that only an extra installs -> that extra (pyproject.toml); the base install is the runtime.
+EXTRA_OF_MODULE = {"torch": "export", "onnx": "export", "gguf": "export", "sentencepiece": "export",
+                   "matplotlib": "plot"}
 REPL_CONTEXT_FULL = ("[the conversation fills the context ({detail}): /reset starts a new one, or run chat with "
                      "--slide to keep its newest half and go on]")
 
@@ -59,12 +72,14 @@ def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None
     p.add_argument("--target", choices=("npu", "cpu"), default=default_target,
                    help=f"npu: static-shape split-head graphs for accelerators; cpu: fused ONNX Runtime CPU graph "
                         f"(default {default_target})")
+    npu, cpu = (" | ".join(TARGET_PRECISIONS[t]) for t in ("npu", "cpu"))
     p.add_argument("--precision", default=None,
-                   help="npu: fp32 | fp16 | w8a16 | w4a16 | w8 | w4 (default w4a16: 4-bit weights, 16-bit "
-                        "activations); cpu: fp32 | w8 | w4 (default w4)")
-    p.add_argument("--block-size", type=_block_size, default=32,
-                   help="weight quantization block: 32, 64 or 128, or 0 for per output channel (npu only) (default 32)")
-    p.add_argument("--algorithm", choices=("rtn", "gptq"), default=None,
+                   help=f"npu: {npu} (default {DEFAULT_PRECISION['npu']}: 4-bit weights, 16-bit activations); "
+                        f"cpu: {cpu} (default {DEFAULT_PRECISION['cpu']})")
+    p.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
+                   help=f"weight quantization block: {BLOCK_SIZES_TEXT}, or 0 for per output channel (npu only) "
+                        f"(default {DEFAULT_BLOCK_SIZE})")
+    p.add_argument("--algorithm", choices=ALGORITHMS, default=None,
                    help="npu weight quantization: gptq (default) or rtn (round to nearest)")
     p.add_argument("--recipe", type=Path, default=None,
                    help="npu: quantization recipe file (e.g. written by `ondevice-llama analyze`)")
@@ -96,8 +111,8 @@ def _export_options(args: argparse.Namespace, all_logits: bool = False):
 
 
 def _block_size(text: str) -> int | None:
-    if text not in ("0", "32", "64", "128"):
-        raise argparse.ArgumentTypeError(f"must be 32, 64, 128 or 0 (per channel), got {text}")
+    if text not in ("0", *map(str, BLOCK_SIZES)):
+        raise argparse.ArgumentTypeError(f"must be {', '.join(map(str, BLOCK_SIZES))} or 0 (per channel), got {text}")
     return int(text) or None
 
 
@@ -120,11 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--checkpoint", type=Path, default=None,
                           help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     quantize.add_argument("--out", type=Path, required=True, help="output folder (a quantized checkpoint)")
-    quantize.add_argument("--precision", choices=("w8a16", "w4a16", "w8", "w4"), default="w4a16",
-                          help="weights and activations (default w4a16)")
-    quantize.add_argument("--block-size", type=_block_size, default=32,
-                          help="32, 64 or 128, or 0 for per output channel (default 32)")
-    quantize.add_argument("--algorithm", choices=("rtn", "gptq"), default=None, help="default gptq")
+    quantize.add_argument("--precision", choices=tuple(PRECISIONS), default=DEFAULT_PRECISION["npu"],
+                          help=f"weights and activations (default {DEFAULT_PRECISION['npu']})")
+    quantize.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
+                          help=f"{BLOCK_SIZES_TEXT}, or 0 for per output channel (default {DEFAULT_BLOCK_SIZE})")
+    quantize.add_argument("--algorithm", choices=ALGORITHMS, default=None, help="default gptq")
     quantize.add_argument("--recipe", type=Path, default=None, help="recipe file (overrides the options above)")
     quantize.add_argument("--calibration-file", type=Path, default=None,
                           help="UTF-8 text to calibrate on instead of the built-in chats and prose")
@@ -171,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate the first T tokens (default 4096)")
     evaluate.add_argument("--json", type=Path, default=None, help="write every figure and setting as JSON here")
     evaluate.add_argument("--threads", type=_integer(1), default=None, help="ONNX Runtime intra-op threads")
-    evaluate.add_argument("--precision", choices=("w8a16", "w4a16", "w8", "w4"), default=None,
+    evaluate.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                           help="checkpoint: also measure it quantized (simulated) at this precision")
-    evaluate.add_argument("--block-size", type=_block_size, default=32,
-                          help="with --precision: 32, 64, 128, or 0 for per channel (default 32)")
-    evaluate.add_argument("--algorithm", choices=("rtn", "gptq"), default=None, help="with --precision (default gptq)")
+    evaluate.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
+                          help=f"with --precision: {BLOCK_SIZES_TEXT}, or 0 for per channel "
+                               f"(default {DEFAULT_BLOCK_SIZE})")
+    evaluate.add_argument("--algorithm", choices=ALGORITHMS, default=None, help="with --precision (default gptq)")
     evaluate.add_argument("--calibration-file", type=Path, default=None, help="with --precision: calibration text")
     evaluate.add_argument("--no-float", action="store_true",
                           help="exported folder: skip the float reference and measure the export alone")
@@ -217,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--checkpoint", type=Path, default=None,
                          help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
     analyze.add_argument("--out", type=Path, required=True, help="recipe file to write (for export --recipe)")
-    analyze.add_argument("--block-size", type=_block_size, default=32,
-                         help="32, 64 or 128, or 0 for per output channel (default 32)")
-    analyze.add_argument("--algorithm", choices=("rtn", "gptq"), default=None, help="default gptq")
+    analyze.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
+                         help=f"{BLOCK_SIZES_TEXT}, or 0 for per output channel (default {DEFAULT_BLOCK_SIZE})")
+    analyze.add_argument("--algorithm", choices=ALGORITHMS, default=None, help="default gptq")
     analyze.add_argument("--calibration-file", type=Path, default=None,
                          help="UTF-8 text to measure on instead of the built-in chats and prose")
     analyze.add_argument("--budget", type=_number(0, 1), default=0.1,
@@ -350,13 +366,13 @@ def run_synthesize(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..evaluation.command import run_evaluate
+    from .evaluate import run_evaluate
 
     return run_evaluate(args)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from ..quantization.sensitivity import run_analyze
+    from .analyze import run_analyze
 
     return run_analyze(args)
 
@@ -383,6 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "synthesize": run_synthesize, "analyze": run_analyze}
     try:
         return commands[args.command](args)
+    except ModuleNotFoundError as e:
+        extra = EXTRA_OF_MODULE.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f'error: {args.command}: needs the {extra} extra: pip install -e ".[{extra}]"', file=sys.stderr)
+        return EXIT_BAD_INPUT
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT

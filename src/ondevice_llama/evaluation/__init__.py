@@ -6,8 +6,8 @@ The metrics themselves (numpy only) live in `ondevice_llama.evaluation.metrics`.
 """
 
 from .evaluate import EvaluationReport, LogitFn, SourceResult, evaluate
-from .sources import SOURCE_BUILDERS, exported_logits, float_logits, make_source, simulated_logits
+from .sources import SOURCE_BUILDERS, exported_logits, float_logits, simulated_logits
 from .text import load_text_tokens
 
 __all__ = ["SOURCE_BUILDERS", "EvaluationReport", "LogitFn", "SourceResult", "evaluate", "exported_logits",
-           "float_logits", "load_text_tokens", "make_source", "simulated_logits"]
+           "float_logits", "load_text_tokens", "simulated_logits"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -124,9 +124,3 @@ SOURCE_BUILDERS: dict[str, Callable[..., LogitFn]] = {
     "simulated": simulated_logits,
 }
 
-
-def make_source(kind: str, *args: Any, **kwargs: Any) -> LogitFn:
-    """Build a source by kind name, e.g. make_source("exported", folder, threads=2)."""
-    if kind not in SOURCE_BUILDERS:
-        raise ValueError(f"unknown source kind {kind!r}; known: {', '.join(SOURCE_BUILDERS)}")
-    return SOURCE_BUILDERS[kind](*args, **kwargs)

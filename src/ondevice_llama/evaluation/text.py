@@ -1,8 +1,9 @@
 """The evaluation text: a UTF-8 file tokenized once, as one stream of token ids.
 
 The whole file is encoded with the model's tokenizer without special tokens (no BOS, no EOS), exactly as
-the text reads, and cut to `max_tokens`; windows are then plain slices of that stream, with no BOS put in
-front of each. Two models with one tokenizer are therefore scored on the very same ids.
+the text reads, and cut to `max_tokens`. Windows are slices of that stream, each starting with the model's
+BOS when it has one (`evaluate.split_windows`), as models see text in use. Two models with one tokenizer
+are therefore scored on the very same ids.
 """
 
 from __future__ import annotations

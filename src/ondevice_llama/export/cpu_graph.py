@@ -17,6 +17,7 @@ from ..adapt import layout
 from ..adapt.rope import rope_tables
 from ..config import LlamaConfig
 from ..quantization import quantize_weight
+from ..quantization.recipe import DEFAULT_BLOCK_SIZE
 from .graph import CONTRIB, Graph
 from .llama_graph import LayerTensors, PartSpec
 
@@ -28,7 +29,7 @@ INT64_MAX = np.iinfo(np.int64).max
 class CpuGraphOptions:
     context_length: int
     bits: int | None = 4  # None: float32 weights (plain MatMul)
-    block_size: int = 32
+    block_size: int = DEFAULT_BLOCK_SIZE
     mode: str = "affine"  # projections: symmetric | asymmetric | affine (see quantization.quantizers)
     head_bits: int | None = 8  # embedding and LM head, always symmetric
     accuracy_level: int = 4  # MatMulNBits: 4 computes in int8 (fastest), 0 in float

@@ -8,13 +8,10 @@ those parts and exports only the rest.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +20,20 @@ from tqdm import tqdm
 
 from ..attention_sink import SINK_FILE
 from ..config import LlamaConfig
-from ..files import fingerprint, folder_lock, remove_stale_staging, replace_folder, sha256_file
+from ..files import cache_key, fingerprint, folder_lock, remove_stale_staging, replace_folder, sha256_file
 from ..loading import Checkpoint
+from ..loading.names import num_parameters
 from ..manifest import MANIFEST_FILE, GraphManifest, Manifest, PartManifest, TensorSpec, with_file_records
 from ..memory import PeakRssSampler, release_free_memory
-from ..quantization.recipe import PRECISIONS as RECIPE_PRECISIONS
-from ..quantization.recipe import Recipe
+from ..quantization.recipe import (
+    BLOCK_SIZES_TEXT,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_PRECISION,
+    FLOAT_PRECISIONS,
+    PRECISIONS,
+    TARGET_PRECISIONS,
+    Recipe,
+)
 from ..staging import StagedParts, staging_folder
 from .cpu_graph import CpuGraphOptions, build_cpu_part_graph
 from .encodings_file import EncodingsFile
@@ -49,7 +54,7 @@ class ExportOptions:
     all_logits: bool = False  # cpu: every position's logits (npu prompt processors always return them)
     target: str = "npu"  # "npu": static-shape SHA graphs; "cpu": fused ORT contrib ops, dynamic length
     precision: str | None = None  # None: the target's default (npu: w4a16, cpu: w4)
-    block_size: int | None = 32  # weight quantization block; None: per output channel (npu target only)
+    block_size: int | None = DEFAULT_BLOCK_SIZE  # weight quantization block; None: per output channel (npu target only)
     accuracy_level: int = 4  # cpu target: MatMulNBits compute type (4: int8, fastest; 0: float)
     algorithm: str | None = None  # npu quantized precisions: rtn | gptq (None: the recipe's default)
     recipe: Path | None = None  # a recipe file (e.g. from `analyze`) instead of one built from the precision
@@ -60,12 +65,10 @@ class ExportOptions:
 
 TARGETS = ("npu", "cpu")
 # npu: fp16 stores float16 weights; wXaY quantizes weights to X bits and activations to Y (QDQ), w4/w8 weights only.
-PRECISIONS = {"npu": ("fp32", "fp16", "w8a16", "w4a16", "w8", "w4"), "cpu": ("fp32", "w8", "w4")}
-DEFAULT_PRECISION = {"npu": "w4a16", "cpu": "w4"}
 
 
 def default_num_parts(config: LlamaConfig) -> int:
-    params = config.num_parameters
+    params = num_parameters(config)
     parts = 4 if params >= SEVEN_B_PARAMETERS else 2 if params >= 1_000_000_000 else 1
     return min(parts, config.num_layers)
 
@@ -77,7 +80,7 @@ NPU_CONTEXT_LENGTH = 1024
 
 
 def default_context_length(config: LlamaConfig, target: str = "npu") -> int:
-    if target == "npu" or config.num_parameters >= SEVEN_B_PARAMETERS:
+    if target == "npu" or num_parameters(config) >= SEVEN_B_PARAMETERS:
         return min(NPU_CONTEXT_LENGTH, config.max_position_embeddings)
     return min(2048, config.max_position_embeddings)
 
@@ -100,12 +103,12 @@ def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOption
     if options.target not in TARGETS:
         raise ValueError(f"--target: must be one of {TARGETS}, got {options.target!r}")
     precision = options.precision or DEFAULT_PRECISION[options.target]
-    if precision not in PRECISIONS[options.target]:
+    if precision not in TARGET_PRECISIONS[options.target]:
         raise ValueError(f"--precision: {precision} is not supported for the {options.target} target "
-                         f"(supported: {', '.join(PRECISIONS[options.target])})")
-    quantized = precision not in ("fp32", "fp16")
+                         f"(supported: {', '.join(TARGET_PRECISIONS[options.target])})")
+    quantized = precision not in FLOAT_PRECISIONS
     if quantized and options.block_size is None and options.target == "cpu":
-        raise ValueError("--block-size: the cpu target needs a block size (32, 64 or 128)")
+        raise ValueError(f"--block-size: the cpu target needs a block size ({BLOCK_SIZES_TEXT})")
     if quantized and options.block_size and (config.hidden_size % options.block_size
                                              or config.intermediate_size % options.block_size):
         raise ValueError(f"--block-size: {options.block_size} does not divide the hidden size {config.hidden_size} "
@@ -160,11 +163,11 @@ def _specs(values: list[onnx.ValueInfoProto], encodings: dict) -> tuple[TensorSp
 
 def export_recipe(options: ExportOptions) -> Recipe | None:
     """The quantization recipe of a resolved npu export, or None for float precisions."""
-    if options.target != "npu" or options.precision in ("fp32", "fp16"):
+    if options.target != "npu" or options.precision in FLOAT_PRECISIONS:
         return None
     if options.recipe is not None:
         recipe = Recipe.load(options.recipe)
-        expected = RECIPE_PRECISIONS[options.precision][1]
+        expected = PRECISIONS[options.precision][1]
         if recipe.activation_bits != expected:
             raise ValueError(f"{options.recipe}: recipe quantizes activations to {recipe.activation_bits} bits, "
                              f"but --precision {options.precision} means {expected}")
@@ -179,7 +182,7 @@ def _build_graphs(checkpoint: Checkpoint, part: PartSpec, options: ExportOptions
     """kind -> (file name, graph) for one part: PP and TG on the NPU target, one decoder on the CPU target."""
     number = part.index + 1
     if options.target == "cpu":
-        bits = {"fp32": None, "w8": 8, "w4": 4}[options.precision]
+        bits = None if options.precision in FLOAT_PRECISIONS else PRECISIONS[options.precision][0]
         cpu = CpuGraphOptions(options.context_length, bits, options.block_size, mode="affine",
                               head_bits=None if bits is None else 8, accuracy_level=options.accuracy_level,
                               all_logits=options.all_logits)
@@ -240,9 +243,8 @@ def _part_files(part: PartManifest) -> list[str]:
 
 def _export_key(checkpoint: Checkpoint, options: ExportOptions, quantized_folder: Path | None) -> str:
     """Identity of an export: the same key means a staged part can be reused."""
-    identity = [fingerprint(checkpoint.path), asdict(options), version("ondevice-llama"),
-                fingerprint(quantized_folder) if quantized_folder else None]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_key(fingerprint(checkpoint.path), asdict(options),
+                     fingerprint(quantized_folder) if quantized_folder else None)
 
 
 def _quantization(checkpoint: Checkpoint, options: ExportOptions, recipe: Recipe | None, progress: bool

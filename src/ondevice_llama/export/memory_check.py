@@ -16,9 +16,11 @@ rounded up: an estimate that is too low is a bug, one that is far too high refus
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import LlamaConfig
+from ..loading.names import PROJECTIONS, num_parameters, tensor_shape
 from ..memory import available_bytes
 from ..quantization.recipe import Recipe
 
@@ -49,10 +51,8 @@ class MemoryEstimate:
 
 def _layer_sizes(c: LlamaConfig) -> tuple[int, int]:
     """(elements of one decoder layer's projections, elements of its largest projection)."""
-    q = c.hidden_size * c.num_heads * c.head_dim
-    kv = c.hidden_size * c.num_kv_heads * c.head_dim
-    mlp = c.hidden_size * c.intermediate_size
-    return 2 * q + 2 * kv + 3 * mlp, max(q, mlp)
+    sizes = [math.prod(tensor_shape(c, p)) for p in PROJECTIONS]
+    return sum(sizes), max(sizes)
 
 
 def estimate_export_memory(config: LlamaConfig, target: str, precision: str, recipe: Recipe | None,
@@ -68,7 +68,7 @@ def estimate_export_memory(config: LlamaConfig, target: str, precision: str, rec
     phases: dict[str, float] = {}
     if target == "npu" and recipe is not None and quantize:
         if generated_calibration:
-            phases["calibration text"] = BASELINE + F32 * c.num_parameters * 1.1
+            phases["calibration text"] = BASELINE + F32 * num_parameters(c) * 1.1
         kept = F32 * table  # the dequantized embedding, kept for calibration and a tied head
         head = F32 * table * (QUANTIZER_TEMPORARIES + (heads - 1))
         # A layer's activations on all calibration tokens: scores and probabilities per head, the MLP's

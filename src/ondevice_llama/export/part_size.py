@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import LlamaConfig
-from ..loading.names import LAYER_TENSORS
+from ..loading.names import PROJECTIONS, tensor_shape
 from ..quantization.recipe import Recipe
 from .llama_graph import PartSpec
 
 HTP_CONTEXT_LIMIT = 2 * 1024**3  # bytes one QNN HTP context may allocate on the device
 CONTEXT_OVERHEAD = 1.05  # context binary bytes per exported weight byte (1.033 measured; see the docstring)
-PROJECTIONS = tuple(t for t in LAYER_TENSORS if t.endswith("_proj"))
 SCALE_BYTES = 4  # float32 scale per block (or per output channel)
 
 
@@ -39,19 +38,12 @@ class Storage:
         return rows * columns * bits / 8 + rows * (columns // group) * SCALE_BYTES
 
 
-def _projection_shapes(c: LlamaConfig) -> dict[str, tuple[int, int]]:
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return {"q_proj": (q, c.hidden_size), "k_proj": (kv, c.hidden_size), "v_proj": (kv, c.hidden_size),
-            "o_proj": (c.hidden_size, q), "gate_proj": (c.intermediate_size, c.hidden_size),
-            "up_proj": (c.intermediate_size, c.hidden_size), "down_proj": (c.hidden_size, c.intermediate_size)}
-
-
 def part_bytes(config: LlamaConfig, part: PartSpec, storage: Storage) -> float:
     """Estimated bytes of the part's QNN context: its graphs' weights times the measured overhead."""
-    c, shapes = config, _projection_shapes(config)
+    c = config
     total = 0.0
     for layer in part.layers:
-        total += sum(storage.weight_bytes(f"layers.{layer}.{p}", *shapes[p]) for p in PROJECTIONS)
+        total += sum(storage.weight_bytes(f"layers.{layer}.{p}", *tensor_shape(c, p)) for p in PROJECTIONS)
         total += 2 * c.hidden_size * 4  # the two norms, float
     table = c.vocab_size * c.hidden_size
     if part.first:

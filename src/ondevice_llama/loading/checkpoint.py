@@ -10,7 +10,7 @@ from ..files import read_json_object
 from .default_model import default_checkpoint_path
 from .errors import CheckpointError
 from .gguf_file import GGUFFile
-from .names import expected_names
+from .names import expected_names, tensor_shape
 from .sources import GGUFSource, SafetensorsSource, TensorSource
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -134,21 +134,11 @@ def _open_gguf(path: Path) -> Checkpoint:
 def _check_tensors(checkpoint: Checkpoint) -> None:
     """Fail at open time, naming the file, rather than halfway through an export."""
     c = checkpoint.config
-    qkv = c.num_heads * c.head_dim
-    kv = c.num_kv_heads * c.head_dim
-    shapes = {
-        "embed_tokens": (c.vocab_size, c.hidden_size), "norm": (c.hidden_size,),
-        "lm_head": (c.vocab_size, c.hidden_size), "input_norm": (c.hidden_size,),
-        "post_attention_norm": (c.hidden_size,), "q_proj": (qkv, c.hidden_size),
-        "k_proj": (kv, c.hidden_size), "v_proj": (kv, c.hidden_size), "o_proj": (c.hidden_size, qkv),
-        "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
-        "down_proj": (c.hidden_size, c.intermediate_size),
-    }
     present = set(checkpoint.tensors.names())
     for name in expected_names(c.num_layers, c.tie_word_embeddings):
         if name not in present:
             raise CheckpointError(checkpoint.path, f"missing tensor {name}")
-        want, got = shapes[name.rsplit(".", 1)[-1]], checkpoint.tensors.shape(name)
+        want, got = tensor_shape(c, name), checkpoint.tensors.shape(name)
         if got != want:
             raise CheckpointError(checkpoint.path, f"tensor {name} has shape {got}, config implies {want}")
 

@@ -1,4 +1,4 @@
-"""One table from every checkpoint format's tensor names to ours.
+"""Our tensors: one table of their shapes and roles, and one from every checkpoint format's names to ours.
 
 Canonical names (per layer `i`): `layers.{i}.{input_norm,q_proj,k_proj,v_proj,o_proj,post_attention_norm,
 gate_proj,up_proj,down_proj}`, plus `embed_tokens`, `norm` and `lm_head`. Every weight is in Hugging
@@ -7,11 +7,67 @@ Face layout: Linear weights are [out, in], and Q/K rows follow the rotate-half R
 
 from __future__ import annotations
 
+import math
 import re
+from typing import TYPE_CHECKING
 
-LAYER_TENSORS = ("input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_norm",
-                 "gate_proj", "up_proj", "down_proj")
-GLOBAL_TENSORS = ("embed_tokens", "norm", "lm_head")
+if TYPE_CHECKING:
+    from ..config import LlamaConfig
+
+# ---------------------------------------------------------------- shapes and roles
+
+# Tensor -> its shape in named dimensions: vocab, hidden, intermediate, q (num_heads x head_dim) and kv
+# (num_kv_heads x head_dim). Per-layer tensors in the order a layer uses them.
+LAYER_SHAPES: dict[str, tuple[str, ...]] = {
+    "input_norm": ("hidden",),
+    "q_proj": ("q", "hidden"), "k_proj": ("kv", "hidden"), "v_proj": ("kv", "hidden"), "o_proj": ("hidden", "q"),
+    "post_attention_norm": ("hidden",),
+    "gate_proj": ("intermediate", "hidden"), "up_proj": ("intermediate", "hidden"),
+    "down_proj": ("hidden", "intermediate"),
+}
+GLOBAL_SHAPES: dict[str, tuple[str, ...]] = {
+    "embed_tokens": ("vocab", "hidden"), "norm": ("hidden",), "lm_head": ("vocab", "hidden"),
+}
+LAYER_TENSORS = tuple(LAYER_SHAPES)
+GLOBAL_TENSORS = tuple(GLOBAL_SHAPES)
+# Roles, by name (never by position in LAYER_TENSORS).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS  # every quantized Linear of a layer
+NORMS = ("input_norm", "post_attention_norm")
+assert set(PROJECTIONS + NORMS) == set(LAYER_TENSORS)
+
+
+def dimensions(config: LlamaConfig) -> dict[str, int]:
+    """The named dimensions of the shape table, for `config`."""
+    c = config
+    return {"vocab": c.vocab_size, "hidden": c.hidden_size, "intermediate": c.intermediate_size,
+            "q": c.num_heads * c.head_dim, "kv": c.num_kv_heads * c.head_dim}
+
+
+def tensor_shape(config: LlamaConfig, name: str) -> tuple[int, ...]:
+    """The shape of tensor `name` ("layers.3.q_proj", or just "q_proj"; "embed_tokens") of `config`."""
+    tensor = name.rsplit(".", 1)[-1]
+    dims = LAYER_SHAPES.get(tensor) or GLOBAL_SHAPES[tensor]
+    size = dimensions(config)
+    return tuple(size[d] for d in dims)
+
+
+def tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape for every tensor of `config` (no `lm_head` when tied), in the order of
+    transformers' state dict: the embedding, per layer its projections then its norms, the final norm,
+    the LM head."""
+    names = ["embed_tokens"] + [f"layers.{i}.{t}" for i in range(config.num_layers) for t in PROJECTIONS + NORMS]
+    names += ["norm"] + ([] if config.tie_word_embeddings else ["lm_head"])
+    return {name: tensor_shape(config, name) for name in names}
+
+
+def num_parameters(config: LlamaConfig) -> int:
+    """Weights in a checkpoint of `config` (a tied LM head counted once)."""
+    return sum(math.prod(shape) for shape in tensor_shapes(config).values())
+
+
+# ---------------------------------------------------------------- names in checkpoint formats
 
 # (Hugging Face name, GGUF name, canonical name); {i} stands for the layer index.
 NAME_TABLE: tuple[tuple[str, str, str], ...] = (

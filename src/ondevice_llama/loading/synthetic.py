@@ -31,7 +31,8 @@ import numpy as np
 
 from ..config import LlamaConfig, RopeScaling
 from ..files import folder_lock, make_staging_folder, replace_folder
-from .names import LAYER_TENSORS, canonical_to_hf
+from .names import canonical_to_hf, num_parameters
+from .names import tensor_shapes as canonical_shapes
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
@@ -109,21 +110,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 def tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Hugging Face name -> shape for every tensor of `config`, in the order of transformers' state dict
     (embeddings, layers, final norm, LM head), which is the order the shards are filled in."""
-    c = config
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    per_layer = {
-        "q_proj": (q, c.hidden_size), "k_proj": (kv, c.hidden_size), "v_proj": (kv, c.hidden_size),
-        "o_proj": (c.hidden_size, q), "gate_proj": (c.intermediate_size, c.hidden_size),
-        "up_proj": (c.intermediate_size, c.hidden_size), "down_proj": (c.hidden_size, c.intermediate_size),
-        "input_norm": (c.hidden_size,), "post_attention_norm": (c.hidden_size,),
-    }
-    assert set(per_layer) == set(LAYER_TENSORS)
-    shapes = {"embed_tokens": (c.vocab_size, c.hidden_size)}
-    shapes |= {f"layers.{i}.{t}": shape for i in range(c.num_layers) for t, shape in per_layer.items()}
-    shapes["norm"] = (c.hidden_size,)
-    if not c.tie_word_embeddings:
-        shapes["lm_head"] = (c.vocab_size, c.hidden_size)
-    return {canonical_to_hf(name): shape for name, shape in shapes.items()}
+    return {canonical_to_hf(name): shape for name, shape in canonical_shapes(config).items()}
 
 
 def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: int) -> list[list[str]]:
@@ -283,7 +270,7 @@ class SynthesisResult:
     def summary(self) -> str:
         shards = f"{len(self.shard_files)} shard{'s' if len(self.shard_files) > 1 else ''}"
         return (f"synthesized {self.name}: {self.config.num_layers} layers, "
-                f"{self.config.num_parameters / 1e9:.2f}B parameters, {self.dtype}, {shards}, "
+                f"{num_parameters(self.config) / 1e9:.2f}B parameters, {self.dtype}, {shards}, "
                 f"{self.total_bytes / GB:.2f} GB, {self.tokenizer} tokenizer, {self.seconds:.0f} s -> {self.path}")
 
 

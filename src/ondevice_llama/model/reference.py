@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..adapt.rope import rope_tables
 from ..config import LlamaConfig
 from ..loading import Checkpoint, TensorSource
-from ..loading.names import LAYER_TENSORS
+from ..loading.names import ATTENTION_PROJECTIONS
 
 Tap = Callable[[str, Tensor], Tensor]
 
@@ -199,7 +199,7 @@ def _parameter_name(name: str) -> str:
     """Our tensor name -> the reference module's parameter name."""
     if name.startswith("layers."):
         _, i, tensor = name.split(".")
-        group = "attention" if tensor in LAYER_TENSORS[1:5] else "mlp"
+        group = "attention" if tensor in ATTENTION_PROJECTIONS else "mlp"
         suffix = "" if tensor.endswith("norm") else f"{group}.{tensor}.weight"
         return f"layers.{i}.{tensor}" if not suffix else f"layers.{i}.{suffix}"
     return {"embed_tokens": "embed_tokens.weight", "norm": "norm", "lm_head": "lm_head.weight"}[name]

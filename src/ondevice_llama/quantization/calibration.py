@@ -9,13 +9,12 @@ The built-in set has two parts:
   it continues with seeded sampling. GPTQ needs many more positions than a layer has inputs (1,536 for the
   default model's down_proj); a few hand-written paragraphs overfit it. The text is generated once per
   model and cached under `~/.cache/ondevice-llama/calibration` ($ONDEVICE_LLAMA_CACHE moves it), keyed by
-  the model's name, configuration and weights and the generation settings.
+  the model's name, configuration and weights and the generation settings (`files.cache_key`, the one rule).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -27,9 +26,10 @@ import torch
 from tqdm import tqdm
 
 from ..adapt.mask import MASK_VALUE
+from ..chat_format import encode_text, format_chat
+from ..files import cache_path
 from ..loading import Checkpoint
 from ..model.reference import apply_rope, rms_norm, rope_cos_sin
-from ..runtime.chat_format import encode_text, format_chat
 from .encodings import ActivationEncoding, is_kv_tap
 
 CHATS: tuple[tuple[str, str], ...] = (
@@ -138,17 +138,14 @@ class Generation:
     batch: int = 48
 
 
-def cache_folder() -> Path:
-    return Path(os.environ.get("ONDEVICE_LLAMA_CACHE", Path.home() / ".cache" / "ondevice-llama")) / "calibration"
-
-
-def _model_key(checkpoint: Checkpoint, settings: Generation) -> str:
-    digest = hashlib.sha256(json.dumps([checkpoint.config.to_dict(), SEED_PROMPTS, vars(settings),
-                                        GENERATION_VERSION]).encode())
+def generated_cache_path(checkpoint: Checkpoint, settings: Generation) -> Path:
+    """Where the text `checkpoint` generated with `settings` is cached: keyed by the config, the seed prompts,
+    the settings and two of the model's tensors (the first and the last), which tell its weights apart."""
+    weights = hashlib.sha256()
     for name in ("embed_tokens", f"layers.{checkpoint.config.num_layers - 1}.down_proj"):
-        digest.update(np.ascontiguousarray(checkpoint.tensors.get(name)).tobytes())
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in checkpoint.name)
-    return f"{safe}-{digest.hexdigest()[:16]}"
+        weights.update(np.ascontiguousarray(checkpoint.tensors.get(name)).tobytes())
+    return cache_path("calibration", checkpoint.name, checkpoint.config.to_dict(), SEED_PROMPTS, vars(settings),
+                      GENERATION_VERSION, weights.hexdigest(), suffix=".npy")
 
 
 def seed_prompt_ids(checkpoint: Checkpoint) -> list[list[int]]:
@@ -232,7 +229,7 @@ def generate_sequences(checkpoint: Checkpoint, settings: Generation = Generation
 def generated_sequences(checkpoint: Checkpoint, settings: Generation = Generation(), cache: bool = True,
                         progress: bool = True) -> list[list[int]]:
     """`generate_sequences`, read from the cache when this model already generated them."""
-    path = cache_folder() / f"{_model_key(checkpoint, settings)}.npy"
+    path = generated_cache_path(checkpoint, settings)
     if cache and path.exists():
         return np.load(path).tolist()
     if progress:

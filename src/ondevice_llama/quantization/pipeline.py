@@ -6,16 +6,14 @@ count) quantizes once: the result is cached under a key of the checkpoint, recip
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-from ..files import cache_root, fingerprint, folder_lock
+from ..files import cache_path, fingerprint, folder_lock
 from ..loading import Checkpoint
+from ..loading.names import num_parameters
 from .calibration import SEED_PROMPTS, Generation, builtin_sequences, file_sequences, pack_sequences
 from .quantize_model import QUANTIZED_VERSION, QuantizedModel, quantize_model
 from .recipe import Recipe
@@ -31,7 +29,7 @@ GENERATED_CALIBRATION_PARAMETERS = (50_000_000, 2_000_000_000)
 
 def uses_generated_calibration(checkpoint: Checkpoint, recipe: Recipe | None) -> bool:
     low, high = GENERATED_CALIBRATION_PARAMETERS
-    return recipe is not None and recipe.algorithm == "gptq" and low <= checkpoint.config.num_parameters <= high
+    return recipe is not None and recipe.algorithm == "gptq" and low <= num_parameters(checkpoint.config) <= high
 
 
 def calibration_token_estimate(generated: bool, from_file: bool) -> int:
@@ -64,11 +62,9 @@ def attention_sink_token(checkpoint: Checkpoint) -> int | None:
 
 
 def quantized_cache_folder(checkpoint: Checkpoint, recipe: Recipe, calibration_file: Path | None) -> Path:
-    key = json.dumps([fingerprint(checkpoint.path), recipe.to_dict(),
-                      fingerprint(calibration_file) if calibration_file else "built-in",
-                      QUANTIZED_VERSION, version("ondevice-llama")], sort_keys=True)
-    name = Path(checkpoint.path).stem
-    return cache_root() / "quantized" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    """Where the quantized checkpoint of `checkpoint` with `recipe` and this calibration data is cached."""
+    return cache_path("quantized", Path(checkpoint.path).stem, fingerprint(checkpoint.path), recipe.to_dict(),
+                      fingerprint(calibration_file) if calibration_file else "built-in", QUANTIZED_VERSION)
 
 
 def prepare_quantized(checkpoint: Checkpoint, recipe: Recipe, calibration_file: Path | None = None,

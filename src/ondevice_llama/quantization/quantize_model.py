@@ -22,7 +22,7 @@ from ..attention_sink import SINK_FILE, AttentionSink
 from ..config import LlamaConfig
 from ..files import FileError, folder_lock, make_staging_folder, read_versioned_json, replace_folder
 from ..loading import Checkpoint, TensorSource
-from ..loading.names import LAYER_TENSORS
+from ..loading.names import ATTENTION_PROJECTIONS, LAYER_TENSORS, PROJECTIONS
 from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
 from ..memory import release_free_memory
 from ..model.reference import Block, rms_norm, rope_cos_sin
@@ -34,9 +34,7 @@ from .recipe import Recipe
 
 QUANTIZED_FORMAT = "ondevice-llama-quantized"
 QUANTIZED_VERSION = 5  # 3: the attention sink; 4: its K/V quantized as cache entries; 5: values' own cache tap
-PROJECTIONS = LAYER_TENSORS[1:5] + LAYER_TENSORS[6:]  # q k v o gate up down
 # Projections that read the same input share one Hessian.
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 _LAST_READER = ("v_proj", "o_proj", "up_proj", "down_proj")  # after these, their input's Hessian is freed

@@ -17,8 +17,21 @@ RECIPE_FORMAT = "ondevice-llama-recipe"
 RECIPE_VERSION = 1
 ALGORITHMS = ("rtn", "gptq")
 HEAD_TENSORS = ("embed_tokens", "lm_head")
-# precision -> (projection bits, activation bits); the embedding and LM head default to 8 bits.
-PRECISIONS = {"w8a16": (8, 16), "w4a16": (4, 16), "w4": (4, None), "w8": (8, None)}
+
+# ---------------------------------------------------------------- the precision and block-size vocabulary
+# (the one place: export, quantize, evaluate and analyze, and the command line, read these)
+
+# Quantized precision -> (projection bits, activation bits; None: float activations); the embedding and LM
+# head default to 8 bits.
+PRECISIONS = {"w8a16": (8, 16), "w4a16": (4, 16), "w8": (8, None), "w4": (4, None)}
+FLOAT_PRECISIONS = ("fp32", "fp16")
+# What each export target supports, and its default.
+TARGET_PRECISIONS = {"npu": (*FLOAT_PRECISIONS, *PRECISIONS), "cpu": ("fp32", "w8", "w4")}
+DEFAULT_PRECISION = {"npu": "w4a16", "cpu": "w4"}
+# Weight quantization blocks (inputs per scale); None (0 on the command line) is per output channel.
+BLOCK_SIZES = (32, 64, 128)
+DEFAULT_BLOCK_SIZE = 32
+BLOCK_SIZES_TEXT = ", ".join(map(str, BLOCK_SIZES[:-1])) + f" or {BLOCK_SIZES[-1]}"  # "32, 64 or 128"
 
 
 @dataclass(frozen=True)
@@ -47,8 +60,8 @@ class Recipe:
             raise ValueError("overrides must map tensor names to 4 or 8 bits")
         if self.weight_bits not in (4, 8) or self.head_bits not in (4, 8):
             raise ValueError("weight bits must be 4 or 8")
-        if self.block_size not in (None, 32, 64, 128):
-            raise ValueError(f"block size must be 32, 64 or 128 (or per channel), got {self.block_size}")
+        if self.block_size is not None and self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size must be {BLOCK_SIZES_TEXT} (or per channel), got {self.block_size}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
         if self.activation_bits not in (None, 8, 16) or self.kv_bits not in (8, 16):

@@ -40,10 +40,9 @@ from tqdm import tqdm
 from ..loading import Checkpoint
 from ..model.reference import Block, apply_rope, rms_norm, rope_cos_sin
 from .quantize_model import PROJECTIONS, SHARED_INPUT, _dequantized, _linear, _load_block, _quantize_weight
-from .recipe import Recipe
+from .recipe import BLOCK_SIZES, BLOCK_SIZES_TEXT, DEFAULT_BLOCK_SIZE, Recipe
 
 BITS = 4
-DEFAULT_BLOCK_SIZE = 32  # export's default
 DEFAULT_BUDGET = 0.1  # at most 10% of the projection parameters at 8 bits
 DEFAULT_MAX_TOKENS = 4096  # calibration tokens measured on (evenly spaced rows)
 OVERRIDE_BITS = 8
@@ -119,8 +118,8 @@ def select_rows(calibration: torch.Tensor, max_tokens: int) -> torch.Tensor:
 
 
 def check_block_size(checkpoint: Checkpoint, block_size: int | None) -> None:
-    if block_size not in (None, 32, 64, 128):
-        raise ValueError(f"--block-size: must be 0 (per output channel), 32, 64 or 128, got {block_size}")
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise ValueError(f"--block-size: must be 0 (per output channel), {BLOCK_SIZES_TEXT}, got {block_size}")
     if block_size is None:
         return
     for proj in PROJECTIONS:
@@ -427,39 +426,3 @@ def plot_heatmap(report: SensitivityReport, path: Path, overrides: dict[str, int
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def run_analyze(args) -> int:
-    """`ondevice-llama analyze`: measure, print the table, write the recipe (and the JSON report and heatmap)."""
-    from ..loading import open_checkpoint
-    from .pipeline import calibration_batch
-
-    block_size = args.block_size or None
-    if not 0 <= args.budget <= 1:
-        raise ValueError(f"--budget: must be a fraction between 0 and 1, got {args.budget}")
-    if args.max_tokens < 0:
-        raise ValueError(f"--max-tokens: must be 0 (all) or positive, got {args.max_tokens}")
-    for option, path in (("--out", args.out), ("--json", args.json), ("--plot", args.plot)):
-        if path is not None and Path(path).is_dir():
-            raise ValueError(f"{path}: is a folder; {option} takes a file name")
-    if args.plot is not None:
-        from ..plotting import require_pyplot
-
-        require_pyplot()  # before measuring, not after
-    checkpoint = open_checkpoint(args.checkpoint)
-    check_block_size(checkpoint, block_size)
-    calibration, info = calibration_batch(checkpoint, args.calibration_file)
-    report = analyze_sensitivity(checkpoint, calibration, block_size, args.algorithm, args.max_tokens, info,
-                                 progress=not args.quiet, sink_token=info["attention_sink_token"])
-    recipe = sensitivity_recipe(report, args.budget)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    recipe.save(args.out)
-    if args.json is not None:
-        save_report(report, args.json, recipe, args.budget)
-    if args.plot is not None:
-        plot_heatmap(report, args.plot, recipe.overrides)
-    print(format_table(report, recipe.overrides))
-    eight_bit = sum(p.parameters for p in report.pieces if p.name in recipe.overrides)
-    print(f"recipe {recipe.describe()}: {len(recipe.overrides)} of {len(report.pieces)} projections at 8 bits, "
-          f"{eight_bit / report.projection_parameters:.1%} of the projection parameters (budget {args.budget:.0%}); "
-          f"measured in {report.seconds:.0f} s -> {args.out}")
-    return 0

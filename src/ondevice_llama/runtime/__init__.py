@@ -1,6 +1,6 @@
 """Runtime: run an exported folder with ONNX Runtime, numpy and tokenizers alone (no torch)."""
 
-from .chat_format import Message, encode_text, format_chat
+from ..chat_format import Message, encode_text, format_chat
 from .exported_model import ContextFullError, ExportedModel
 from .generate import ChatSession, GenerationResult, Generator
 from .kv_cache import KVCache

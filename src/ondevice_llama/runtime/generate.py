@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chat_format import Message, format_chat
+from ..chat_format import Message, format_chat
 from .detokenizer import IncrementalDetokenizer
 from .exported_model import ContextFullError, ExportedModel
 from .kv_cache import KVCache

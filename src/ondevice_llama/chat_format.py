@@ -1,20 +1,21 @@
 """Turn a conversation into prompt token ids, with the model's chat template or Llama-2's format.
 
-Runtime code: only stdlib, jinja2 and tokenizers, so it runs where torch and transformers do not.
+A file format shared by calibration (its chat-formatted text) and the runtime: only stdlib, tokenizers
+and jinja2 (imported when a template is rendered), so it runs where torch and transformers do not, and
+quantization reads it without importing the runtime.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from .config import SpecialTokens
 
-from ondevice_llama.config import SpecialTokens
+if TYPE_CHECKING:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from tokenizers import Tokenizer
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -55,6 +56,9 @@ def render_chat_template(
 
 def _jinja_env() -> ImmutableSandboxedEnvironment:
     """The sandboxed environment and helpers transformers gives chat templates."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
@@ -65,6 +69,8 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
 
 def _raise_exception(message: str) -> None:
     """Templates call this to reject a conversation they cannot format."""
+    import jinja2.exceptions
+
     raise jinja2.exceptions.TemplateError(message)
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..loading import TensorSource
-from .quantizers import dequantize, quantize_weight
+from ondevice_llama.loading import TensorSource
+from ondevice_llama.quantization.quantizers import dequantize, quantize_weight
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.evaluate import LogitFn, evaluate
+from ..evaluation.text import load_text_tokens
 from ..manifest import MANIFEST_FILE
-from .evaluate import LogitFn, evaluate
-from .text import load_text_tokens
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -53,8 +53,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
     """Sources of an exported folder: the export itself, plus the float checkpoint it came from if still there."""
+    from ..evaluation.sources import exported_logits, float_logits, require_all_logits
     from ..runtime import ExportedModel
-    from .sources import exported_logits, float_logits, require_all_logits
 
     require_all_logits(args.model)
     model = ExportedModel(args.model, threads=args.threads)  # checks every file before anything is measured
@@ -81,8 +81,8 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
         sources["float"] = float_logits(checkpoint)
         quantized = manifest.extra.get("quantization", {}).get("quantized_checkpoint")
         if quantized and Path(quantized).exists():
+            from ..evaluation.sources import simulated_logits
             from ..quantization.quantize_model import QuantizedModel
-            from .sources import simulated_logits
 
             sources["simulated"] = simulated_logits(checkpoint, QuantizedModel.load(quantized))
             info["quantized_checkpoint"] = quantized
@@ -107,9 +107,9 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
 
 def _quantized(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
     """A quantized checkpoint: the float checkpoint it came from and the simulated quantized model."""
+    from ..evaluation.sources import float_logits, simulated_logits
     from ..loading import open_checkpoint
     from ..quantization.quantize_model import QuantizedModel
-    from .sources import float_logits, simulated_logits
 
     quantized = QuantizedModel.load(args.model)
     source = quantized.source
@@ -125,8 +125,8 @@ def _quantized(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str
 
 def _checkpoint(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str, LogitFn], list[int], int]:
     """A checkpoint (Hugging Face folder or .gguf): the float reference, and the simulated model of --precision."""
+    from ..evaluation.sources import float_logits
     from ..loading import open_checkpoint
-    from .sources import float_logits
 
     if args.no_float:
         raise ValueError(f"{args.model}: --no-float leaves nothing to evaluate for a checkpoint "
@@ -137,9 +137,9 @@ def _checkpoint(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[st
     tokens = load_text_tokens(args.text, checkpoint.tokenizer, args.max_tokens)
     sources = {"float": float_logits(checkpoint)}
     if args.precision is not None:
+        from ..evaluation.sources import simulated_logits
         from ..quantization.pipeline import prepare_quantized
         from ..quantization.recipe import Recipe
-        from .sources import simulated_logits
 
         extra = {"algorithm": args.algorithm} if args.algorithm else {}
         recipe = Recipe.from_precision(args.precision, block_size=args.block_size, **extra)
