@@ -24,7 +24,7 @@ from ..adapt import layout
 from ..attention_sink import AttentionSink
 from ..config import LlamaConfig
 from ..loading import TensorSource
-from ..quantization.encodings import ActivationEncoding
+from ..quantization.encodings import ActivationEncoding, norm_weight_encoding
 from ..quantization.quantizers import QuantizedWeight, dequantize
 from .graph import Graph, Int4
 
@@ -227,18 +227,31 @@ class PartGraphBuilder:
         return 2.0 ** int(np.clip(np.floor(np.log2(RMS_NORM_RANGE / largest)), -30, 30))
 
     def make_rms_norm(self, name: str, x: str, weight: str, input_tap: str) -> str:
-        """
+        """RMSNorm with weight `weight`, whose output tap has the same name.
+
+        Quantized output, MatMul layout: one SimplifiedLayerNormalization over 16-bit weight codes, which QNN HTP
+        runs as its quantized RmsNorm (float ops would run there in float16, several output steps off; see
+        `norm_weight_encoding`). Otherwise, in float (the weight still 16-bit when the output is quantized):
+
         x ─ Mul(2^k) ─┬─ Mul(itself) ─ ReduceMean(channels) ─ Add(eps 4^k) ─ Sqrt ─┐
                       └─────────────────────────────────────────────────────── Div ─ Mul(weight) ─►
         """
         g, axis = self.g, self.channel_axis
-        prescale = self.rms_norm_prescale(input_tap)
         shape = [1, -1, 1, 1] if self.o.use_conv else [-1]
 
         def produce() -> np.ndarray:
             return self.t.get(weight).astype(F32).reshape(shape)
 
-        w = g.weight(f"{weight}.weight", produce)
+        quantized = self.encoding(weight) is not None
+        if quantized:
+            encoding = norm_weight_encoding(self.t.get(weight))
+            w = self.make_table(f"{weight}.weight", lambda: encoding.quantize(produce()), encoding)
+        else:
+            w = g.weight(f"{weight}.weight", produce)
+        if quantized and not self.o.use_conv:
+            # ONNX Runtime registers this op of its own in the default domain, where QNN's EP looks for it.
+            return g.make_node("SimplifiedLayerNormalization", [x, w], name, axis=-1, epsilon=self.c.rms_norm_eps)
+        prescale = self.rms_norm_prescale(input_tap)
         scaled = x if prescale == 1 else g.make_mul(f"{name}/prescale", x, g.constant(prescale, F32))
         sq = g.make_mul(f"{name}/square", scaled, scaled)
         mean = g.make_reduce_mean(name, sq, axis)

@@ -38,6 +38,11 @@ NORMS = ("input_norm", "post_attention_norm")
 assert set(PROJECTIONS + NORMS) == set(LAYER_TENSORS)
 
 
+def is_norm(name: str) -> bool:
+    """Whether canonical tensor `name` is an RMSNorm weight (a layer's two, or the final `norm`)."""
+    return name == "norm" or name.rsplit(".", 1)[-1] in NORMS
+
+
 def dimensions(config: LlamaConfig) -> dict[str, int]:
     """The named dimensions of the shape table, for `config`."""
     c = config

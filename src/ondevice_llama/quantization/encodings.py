@@ -50,3 +50,20 @@ class ActivationEncoding:
     @classmethod
     def from_dict(cls, data: dict) -> ActivationEncoding:
         return cls(int(data["bits"]), float(data["min"]), float(data["max"]))
+
+
+def norm_weight_encoding(weight: np.ndarray) -> ActivationEncoding:
+    """The 16-bit encoding of an RMSNorm weight whose norm output is quantized.
+
+    QNN HTP runs such a norm as one quantized RmsNorm op when its weight is quantized too; left in float it
+    becomes a chain of float16 ops whose outputs land several 16-bit steps away from float32's. The export
+    holds these codes and the simulated model uses the same values, so both compute the same norm.
+    """
+    weight = np.asarray(weight, np.float32)
+    return ActivationEncoding(16, float(weight.min()), float(weight.max()))
+
+
+def quantized_norm_weight(weight: np.ndarray) -> np.ndarray:
+    """`weight` through its `norm_weight_encoding` and back, as the exported graph holds it."""
+    encoding = norm_weight_encoding(weight)
+    return encoding.dequantize(encoding.quantize(weight)).reshape(np.shape(weight))

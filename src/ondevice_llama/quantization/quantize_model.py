@@ -22,12 +22,12 @@ from ..attention_sink import SINK_FILE, AttentionSink
 from ..config import LlamaConfig
 from ..files import FileError, folder_lock, make_staging_folder, read_versioned_json, replace_folder
 from ..loading import Checkpoint, TensorSource
-from ..loading.names import ATTENTION_PROJECTIONS, LAYER_TENSORS, PROJECTIONS
+from ..loading.names import ATTENTION_PROJECTIONS, LAYER_TENSORS, PROJECTIONS, is_norm
 from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
 from ..memory import release_free_memory
 from ..model.reference import Block, rms_norm, rope_cos_sin
 from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges, later_positions
-from .encodings import ActivationEncoding
+from .encodings import ActivationEncoding, quantized_norm_weight
 from .gptq import gptq_quantize
 from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight, unpack_int4
 from .recipe import Recipe
@@ -152,7 +152,8 @@ def _write_meta(folder: Path, model: QuantizedModel, index: dict[str, dict]) -> 
 
 
 class QuantizedSource:
-    """The checkpoint's tensors with every quantized weight replaced by its dequantized codes."""
+    """The checkpoint's tensors with every quantized weight replaced by its dequantized codes, and the weight of
+    every norm whose output is quantized by its 16-bit round trip (as the export holds it)."""
 
     def __init__(self, source: TensorSource, quantized: QuantizedModel):
         self.source, self.quantized = source, quantized
@@ -164,7 +165,11 @@ class QuantizedSource:
         return self.source.shape(name)
 
     def get(self, name: str) -> np.ndarray:
-        return self.quantized.dequantized(name) if name in self.quantized.weights else self.source.get(name)
+        if name in self.quantized.weights:
+            return self.quantized.dequantized(name)
+        if is_norm(name) and name in self.quantized.activations:  # a quantized norm: its weight is, too
+            return quantized_norm_weight(self.source.get(name))
+        return self.source.get(name)
 
 
 def _quantize_weight(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None) -> QuantizedWeight:
