@@ -91,6 +91,30 @@ def test_encodings_cover_every_quantized_tensor(tiny_checkpoints, tmp_path):
         assert kv == {8}  # --kv-bits 8: the cache crosses the graph boundary as uint8 codes
 
 
+def test_quantized_norms_are_one_op_over_16_bit_weights(tiny_checkpoints, tmp_path):
+    """With its output quantized, each RMSNorm is one SimplifiedLayerNormalization (QNN HTP's quantized RmsNorm)
+    over its weight's 16-bit codes, the values the simulated model uses; no float Sqrt is left to run in float16."""
+    from ondevice_llama.quantization.encodings import norm_weight_encoding, quantized_norm_weight
+
+    checkpoint = open_checkpoint(tiny_checkpoints["mha_untied"])
+    manifest = _export(checkpoint, tmp_path / "m", precision="w4a16", block_size=32, num_parts=1)
+    graph = onnx.load(tmp_path / "m" / manifest.parts[0].graphs["token_generator"].file)
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    norms = [n for n in graph.graph.node if n.op_type == "SimplifiedLayerNormalization"]
+    assert len(norms) == 2 * checkpoint.config.num_layers + 1
+    assert not any(n.op_type == "Sqrt" for n in graph.graph.node)
+    final = next(n for n in norms if n.input[1] == "norm.weight")
+    dequantize = producers[final.input[1]]
+    weight = checkpoint.tensors.get("norm")
+    assert dequantize.op_type == "DequantizeLinear" and constants[dequantize.input[0]].dtype == np.uint16
+    np.testing.assert_array_equal(constants[dequantize.input[0]], norm_weight_encoding(weight).quantize(weight))
+    restored = (constants[dequantize.input[0]].astype(np.float32) - constants[dequantize.input[2]]) * \
+        constants[dequantize.input[1]]
+    np.testing.assert_allclose(restored, quantized_norm_weight(weight), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(restored, weight, rtol=0, atol=norm_weight_encoding(weight).scale / 2 + 1e-7)
+
+
 def test_weight_only_and_fp16_precisions(tiny_checkpoints, tmp_path):
     checkpoint = open_checkpoint(tiny_checkpoints["mha_untied"])
     tokens = list(np.random.default_rng(1).integers(0, checkpoint.config.vocab_size, C - 1))  # + the sink: C
