@@ -1,0 +1,149 @@
+"""How far QNN HTP lands from float in 16-bit output steps where our npu graph computes in float between QDQ pairs.
+
+Each graph reads 16-bit codes and writes 16-bit codes, as inside our quantized graphs, and runs on ONNX Runtime's
+CPU and on QNN HTP (the x86_64 simulator, SM8650); its output codes are scored against a float64 reference on the
+same quantized inputs: the share one or more (two or more) steps off, and the most.
+
+- RMSNorm over a residual-stream-like input (128 x 576, normal with one outlier channel), two ways: "float
+  chain" (Mul, ReduceMean, Add, Sqrt, Div, Mul in float: HTP runs them in float16) and "fused" (one
+  SimplifiedLayerNormalization over the weight's 16-bit codes: HTP's quantized RmsNorm, what the export does);
+- RoPE on one head (128 x 64, rotate-half with float cos/sin inputs, as the export does).
+
+    python benchmarks/htp_float_ops.py        # needs the qnn extra; writes results/htp_float_ops.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+from ondevice_llama import qnn
+from ondevice_llama.quantization.encodings import ActivationEncoding, norm_weight_encoding
+
+RESULTS = Path(__file__).resolve().parent / "results"
+N, H, EPS = 128, 576, 1e-5
+PRESCALE = 2.0**-6  # what the export picks for this input's range (RMS_NORM_RANGE 8)
+
+
+def _qdq(x: str, y: str, encoding: str) -> list:
+    return [helper.make_node("QuantizeLinear", [x, f"{encoding}_s", f"{encoding}_z"], [f"{y}_q"]),
+            helper.make_node("DequantizeLinear", [f"{y}_q", f"{encoding}_s", f"{encoding}_z"], [y])]
+
+
+def _encoding(name: str, e: ActivationEncoding) -> list:
+    return [nh.from_array(np.array(e.scale, np.float32), f"{name}_s"),
+            nh.from_array(np.array(e.zero_point, e.dtype), f"{name}_z")]
+
+
+def build(kind: str, folder: Path, inp: ActivationEncoding, out: ActivationEncoding, weight: np.ndarray) -> Path:
+    w = norm_weight_encoding(weight)
+    inits = _encoding("in", inp) + _encoding("out", out) + _encoding("w", w) + [
+        nh.from_array(w.quantize(weight), "w_codes")]
+    nodes = _qdq("x", "xd", "in") + [helper.make_node("DequantizeLinear", ["w_codes", "w_s", "w_z"], ["wd"])]
+    if kind == "fused":
+        nodes.append(helper.make_node("SimplifiedLayerNormalization", ["xd", "wd"], ["y0"], axis=-1, epsilon=EPS))
+    else:
+        inits += [nh.from_array(np.array([-1], np.int64), "axes"),
+                  nh.from_array(np.array(PRESCALE, np.float32), "prescale"),
+                  nh.from_array(np.array(EPS * PRESCALE**2, np.float32), "eps")]
+        nodes += [helper.make_node("Mul", ["xd", "prescale"], ["xs"]), helper.make_node("Mul", ["xs", "xs"], ["sq"]),
+                  helper.make_node("ReduceMean", ["sq", "axes"], ["mean"], keepdims=1),
+                  helper.make_node("Add", ["mean", "eps"], ["var"]), helper.make_node("Sqrt", ["var"], ["std"]),
+                  helper.make_node("Div", ["xs", "std"], ["normed"]), helper.make_node("Mul", ["normed", "wd"], ["y0"])]
+    nodes += _qdq("y0", "y", "out")[:1]
+    graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, N, H])],
+                              [helper.make_tensor_value_info("y_q", TensorProto.UINT16, [1, N, H])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = folder / f"rms_norm_{kind.replace(' ', '_')}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def build_rope(folder: Path, inp: ActivationEncoding, out: ActivationEncoding, d: int) -> Path:
+    half = d // 2
+    inits = _encoding("in", inp) + _encoding("out", out) + [
+        nh.from_array(np.array([v], np.int64), n) for n, v in (("s0", 0), ("s1", half), ("s2", d), ("axis", -1))]
+    nodes = _qdq("x", "xd", "in") + [
+        helper.make_node("Slice", ["xd", "s0", "s1", "axis"], ["x1"]),
+        helper.make_node("Slice", ["xd", "s1", "s2", "axis"], ["x2"]),
+        helper.make_node("Mul", ["x1", "cos"], ["x1cos"]), helper.make_node("Mul", ["x2", "sin"], ["x2sin"]),
+        helper.make_node("Sub", ["x1cos", "x2sin"], ["first"]),
+        helper.make_node("Mul", ["x2", "cos"], ["x2cos"]), helper.make_node("Mul", ["x1", "sin"], ["x1sin"]),
+        helper.make_node("Add", ["x2cos", "x1sin"], ["second"]),
+        helper.make_node("Concat", ["first", "second"], ["y0"], axis=-1)] + _qdq("y0", "y", "out")[:1]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+              for n, shape in (("x", [1, N, d]), ("cos", [1, N, half]), ("sin", [1, N, half]))]
+    graph = helper.make_graph(nodes, "rope", inputs, [helper.make_tensor_value_info("y_q", TensorProto.UINT16,
+                                                                                    [1, N, d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = folder / "rope.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def score(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, soc) -> list[dict]:
+    """Steps off the reference on ONNX Runtime's CPU and on QNN HTP."""
+    import onnxruntime as ort
+
+    rows = []
+    for backend in ("ONNX Runtime CPU", "QNN HTP (simulator)"):
+        if backend.startswith("QNN"):
+            session = ort.InferenceSession(str(path), sess_options=qnn.session_options(soc))
+        else:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        off = np.abs(session.run(None, feeds)[0].astype(np.int64) - reference)
+        rows.append({"backend": backend, "off_by_1_or_more": float((off >= 1).mean()),
+                     "off_by_2_or_more": float((off >= 2).mean()), "max_steps_off": int(off.max())})
+    return rows
+
+
+def main() -> int:
+    import tempfile
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1, N, H)) * 2).astype(np.float32)
+    x[:, :, 7] *= 40
+    weight = (1 + 0.3 * rng.standard_normal(H)).astype(np.float32)
+    inp = ActivationEncoding(16, float(x.min()), float(x.max()))
+    out = ActivationEncoding(16, -12.0, 12.0)
+    xq = inp.dequantize(inp.quantize(x)).astype(np.float64)
+    wq = norm_weight_encoding(weight).dequantize(norm_weight_encoding(weight).quantize(weight)).astype(np.float64)
+    reference = out.quantize(xq / np.sqrt((xq**2).mean(-1, keepdims=True) + EPS) * wq).astype(np.int64)
+    soc = qnn.soc_by_name("SM8650")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("float chain", "fused"):
+            path = build(kind, Path(tmp), inp, out, weight)
+            rows += [{"graph": f"RMSNorm, {kind}"} | r for r in score(path, {"x": x}, reference, soc)]
+        d = 64
+        q = (rng.standard_normal((1, N, d)) * 3).astype(np.float32)
+        angles = rng.uniform(0, 50, (1, N, d // 2))
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        q_in = ActivationEncoding(16, float(q.min()), float(q.max()))
+        q_out = ActivationEncoding(16, 1.4 * q_in.min, 1.4 * q_in.max)
+        qd = q_in.dequantize(q_in.quantize(q)).astype(np.float64)
+        q1, q2 = qd[..., :d // 2], qd[..., d // 2:]
+        rope_reference = q_out.quantize(np.concatenate([q1 * cos - q2 * sin, q2 * cos + q1 * sin], -1))
+        path = build_rope(Path(tmp), q_in, q_out, d)
+        rows += [{"graph": "RoPE, float"} | r for r in score(path, {"x": q, "cos": cos, "sin": sin},
+                                                            rope_reference.astype(np.int64), soc)]
+    print(f"{'graph':20s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s}")
+    for r in rows:
+        print(f"{r['graph']:20s} {r['backend']:20s} {r['off_by_1_or_more']:9.2%} {r['off_by_2_or_more']:10.2%} "
+              f"{r['max_steps_off']:5d}")
+    RESULTS.mkdir(exist_ok=True)
+    result = {"shape": [1, N, H], "soc": soc.name, "qnn_sdk": qnn.sdk_version(), "rows": rows}
+    (RESULTS / "htp_float_ops.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {RESULTS / 'htp_float_ops.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
