@@ -7,7 +7,9 @@ same quantized inputs: the share one or more (two or more) steps off, and the mo
 - RMSNorm over a residual-stream-like input (128 x 576, normal with one outlier channel), two ways: "float
   chain" (Mul, ReduceMean, Add, Sqrt, Div, Mul in float: HTP runs them in float16) and "fused" (one
   SimplifiedLayerNormalization over the weight's 16-bit codes: HTP's quantized RmsNorm, what the export does);
-- RoPE on one head (128 x 64, rotate-half with float cos/sin inputs, as the export does).
+- RoPE on one head (128 x 64, rotate-half with float cos/sin inputs, as the export does);
+- attention's mask and softmax on one head (128 x 1024 quantized scores, the causal mask added in float, Softmax,
+  16-bit probabilities, as the export does).
 
     python benchmarks/htp_float_ops.py        # needs the qnn extra; writes results/htp_float_ops.json
 """
@@ -88,6 +90,21 @@ def build_rope(folder: Path, inp: ActivationEncoding, out: ActivationEncoding, d
     return path
 
 
+def build_softmax(folder: Path, inp: ActivationEncoding, out: ActivationEncoding, c: int) -> Path:
+    nodes = _qdq("x", "xd", "in") + [helper.make_node("Add", ["xd", "mask"], ["masked"]),
+                                     helper.make_node("Softmax", ["masked"], ["y0"], axis=-1)]
+    nodes += _qdq("y0", "y", "out")[:1]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, N, c]) for n in ("x", "mask")]
+    graph = helper.make_graph(nodes, "softmax", inputs, [helper.make_tensor_value_info("y_q", TensorProto.UINT16,
+                                                                                       [1, 1, N, c])],
+                              _encoding("in", inp) + _encoding("out", out))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = folder / "softmax.onnx"
+    onnx.save(model, path)
+    return path
+
+
 def score(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, soc) -> list[dict]:
     """Steps off the reference on ONNX Runtime's CPU and on QNN HTP."""
     import onnxruntime as ort
@@ -134,9 +151,22 @@ def main() -> int:
         path = build_rope(Path(tmp), q_in, q_out, d)
         rows += [{"graph": "RoPE, float"} | r for r in score(path, {"x": q, "cos": cos, "sin": sin},
                                                             rope_reference.astype(np.int64), soc)]
-    print(f"{'graph':20s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s}")
+        from ondevice_llama.adapt.mask import MASK_VALUE
+
+        c = 1024
+        scores = (rng.standard_normal((1, 1, N, c)) * 2).astype(np.float32)
+        mask = np.where(np.arange(c)[None, :] <= np.arange(c - N, c)[:, None], 0.0, MASK_VALUE).astype(np.float32)
+        s_in = ActivationEncoding(16, float(scores.min()), float(scores.max()))
+        probs_out = ActivationEncoding(16, 0.0, 1.0)
+        sd = s_in.dequantize(s_in.quantize(scores)).astype(np.float64) + mask[None, None]
+        e = np.exp(sd - sd.max(-1, keepdims=True))
+        softmax_reference = probs_out.quantize(e / e.sum(-1, keepdims=True)).astype(np.int64)
+        path = build_softmax(Path(tmp), s_in, probs_out, c)
+        rows += [{"graph": "mask + softmax, float"} | r for r in score(
+            path, {"x": scores, "mask": np.broadcast_to(mask, (1, 1, N, c)).copy()}, softmax_reference, soc)]
+    print(f"{'graph':22s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s}")
     for r in rows:
-        print(f"{r['graph']:20s} {r['backend']:20s} {r['off_by_1_or_more']:9.2%} {r['off_by_2_or_more']:10.2%} "
+        print(f"{r['graph']:22s} {r['backend']:20s} {r['off_by_1_or_more']:9.2%} {r['off_by_2_or_more']:10.2%} "
               f"{r['max_steps_off']:5d}")
     RESULTS.mkdir(exist_ok=True)
     result = {"shape": [1, N, H], "soc": soc.name, "qnn_sdk": qnn.sdk_version(), "rows": rows}
