@@ -863,22 +863,19 @@ def _(good, tmp, patch):
     return export_argv(good.hf, tmp), str((tmp / "out").parent.resolve() / "out")
 
 
-@case("chat-checkpoint-bad-config")
-def _(good, tmp, patch):
-    folder = copy(good.hf, tmp)
-    (folder / "config.json").write_text("[]")
-    patch.setenv("ONDEVICE_LLAMA_CACHE", str(tmp / "cache"))
-    return ["chat", "--checkpoint", str(folder), "--prompt", "hi", "--context-length", "32"], \
-        str(folder / "config.json")
+def _chat_checkpoint_with(file: str, content: str) -> Callable:
+    """chat --checkpoint on a copy of the good HF folder whose `file` holds `content`."""
+    def make(good: Good, tmp: Path, patch) -> tuple[list[str], str]:
+        folder = copy(good.hf, tmp)
+        (folder / file).write_text(content)
+        patch.setenv("ONDEVICE_LLAMA_CACHE", str(tmp / "cache"))
+        return ["chat", "--checkpoint", str(folder), "--prompt", "hi", "--context-length", "32"], str(folder / file)
+    return make
 
 
-@case("chat-checkpoint-bad-tokenizer")
-def _(good, tmp, patch):
-    folder = copy(good.hf, tmp)
-    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": "b"}}}')
-    patch.setenv("ONDEVICE_LLAMA_CACHE", str(tmp / "cache"))
-    return ["chat", "--checkpoint", str(folder), "--prompt", "hi", "--context-length", "32"], \
-        str(folder / "tokenizer.json")
+case("chat-checkpoint-bad-config")(_chat_checkpoint_with("config.json", "[]"))
+case("chat-checkpoint-bad-tokenizer")(_chat_checkpoint_with(
+    "tokenizer.json", '{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": "b"}}}'))
 
 
 def _quantized_dir_case(content: bytes | None) -> Callable:
