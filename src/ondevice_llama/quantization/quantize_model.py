@@ -22,21 +22,19 @@ from ..attention_sink import SINK_FILE, AttentionSink
 from ..config import LlamaConfig
 from ..files import FileError, folder_lock, make_staging_folder, read_versioned_json, replace_folder
 from ..loading import Checkpoint, TensorSource
-from ..loading.names import ATTENTION_PROJECTIONS, LAYER_TENSORS, PROJECTIONS, is_norm
+from ..loading.names import PROJECTIONS, is_norm
 from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
 from ..memory import release_free_memory
-from ..model.reference import Block, rms_norm, rope_cos_sin
-from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges, later_positions
+from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_cos_sin
+from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges
 from .encodings import ActivationEncoding, quantized_norm_weight
 from .gptq import gptq_quantize
+from .hessian import SHARED_INPUT, gram, layer_hessians
 from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight, unpack_int4
 from .recipe import Recipe
 
 QUANTIZED_FORMAT = "ondevice-llama-quantized"
 QUANTIZED_VERSION = 5  # 3: the attention sink; 4: its K/V quantized as cache entries; 5: values' own cache tap
-# Projections that read the same input share one Hessian.
-SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 _LAST_READER = ("v_proj", "o_proj", "up_proj", "down_proj")  # after these, their input's Hessian is freed
 
 
@@ -172,48 +170,13 @@ class QuantizedSource:
         return self.source.get(name)
 
 
-def _quantize_weight(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None) -> QuantizedWeight:
+def quantize_with_recipe(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None
+                         ) -> QuantizedWeight:
+    """`weight` at `bits` with the recipe's algorithm: GPTQ when it says so and a Hessian is given, else RTN."""
     if recipe.algorithm == "gptq" and hessian is not None:
         return gptq_quantize(weight, hessian, bits, recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
                              clip_search=recipe.clip_search)
     return quantize_weight(weight, bits, recipe.block_size)
-
-
-def _linear(block: Block, proj: str) -> torch.nn.Linear:
-    return getattr(block.attention if proj in ATTENTION_PROJECTIONS else block.mlp, proj)
-
-
-def _load_block(config: LlamaConfig, tensors: TensorSource, layer: int, weights=None) -> Block:
-    """One decoder layer with float weights, or with the given (dequantized) ones."""
-    block = Block(config)
-    for tensor in LAYER_TENSORS:
-        name = f"layers.{layer}.{tensor}"
-        value = torch.from_numpy(weights[name] if weights and name in weights else tensors.get(name))
-        target = getattr(block, tensor) if tensor.endswith("norm") else _linear(block, tensor).weight
-        target.data = value
-    return block.eval()
-
-
-def _hessians(block: Block, hidden: torch.Tensor, cos, sin, mask, skip_first: bool) -> dict[str, torch.Tensor]:
-    """Sum of x^T x over every calibration position (but the sink's, with `skip_first`), for each distinct
-    projection input."""
-    sums: dict[str, torch.Tensor] = {}
-
-    def accumulate(key: str):
-        def hook(_module, args) -> None:
-            x = later_positions(args[0]) if skip_first else args[0]
-            x = x.reshape(-1, x.shape[-1]).float()
-            for chunk in x.split(2048):  # fp32 products (fast), summed in fp64
-                sums[key] = sums.get(key, 0) + (chunk.T @ chunk).double()
-        return hook
-
-    readers = {key: proj for proj, key in reversed(SHARED_INPUT.items())}  # one reader per input
-    hooks = [_linear(block, proj).register_forward_pre_hook(accumulate(key)) for key, proj in readers.items()]
-    with torch.no_grad():
-        block(hidden, cos, sin, mask, None)
-    for hook in hooks:
-        hook.remove()
-    return sums
 
 
 class _SinkPass:
@@ -269,7 +232,8 @@ class _WeightSink:
         return self.memory if self.folder is None else QuantizedWeights(self.folder, self.index)
 
 
-def _dequantized(q: QuantizedWeight) -> torch.Tensor:
+def dequantized_tensor(q: QuantizedWeight) -> torch.Tensor:
+    """A symmetric quantized weight's float values, as a tensor."""
     return torch.from_numpy(dequantize(q.codes, q.scales, None, q.group_size))
 
 
@@ -303,25 +267,25 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
             raise ValueError(f"every calibration row must start with the attention sink token {sink_token}")
         observer = RangeObserver(skip_first=sink_token is not None)
         embed_q = quantize_weight(tensors.get("embed_tokens"), recipe.bits_for("embed_tokens"), recipe.block_size)
-        embed = _dequantized(embed_q)
+        embed = dequantized_tensor(embed_q)
         sink_pass = None if sink_token is None else _SinkPass(c, sink_token, embed[sink_token])
         hidden = observer("embed", embed[calibration])
         length = calibration.shape[1]
         cos, sin = rope_cos_sin(c, torch.arange(length))
-        allowed = torch.arange(length)[None, :] <= torch.arange(length)[:, None]
-        mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        mask = causal_mask(torch.arange(length), length, torch.float32)
         for layer in tqdm(range(c.num_layers), desc=f"quantize ({recipe.algorithm})", unit="layer",
                           disable=not progress, dynamic_ncols=True):
             hessians = {}
             if recipe.algorithm == "gptq":  # float layer inputs; the float block is freed right after
-                hessians = _hessians(_load_block(c, tensors, layer), hidden, cos, sin, mask, sink_token is not None)
+                hessians = layer_hessians(build_block(c, tensors, layer), hidden, cos, sin, mask,
+                                          sink_token is not None)
             layer_weights = {}
             for proj in PROJECTIONS:
                 name = f"layers.{layer}.{proj}"
                 key = SHARED_INPUT[proj]
                 hessian = hessians.pop(key, None) if proj in _LAST_READER else hessians.get(key)
-                layer_weights[name] = _quantize_weight(tensors.get(name), recipe.bits_for(name), recipe, hessian)
-            block = _load_block(c, tensors, layer, {n: _dequantized(q).numpy() for n, q in layer_weights.items()})
+                layer_weights[name] = quantize_with_recipe(tensors.get(name), recipe.bits_for(name), recipe, hessian)
+            block = build_block(c, tensors, layer, {n: dequantized_tensor(q).numpy() for n, q in layer_weights.items()})
             store.add(f"layer_{layer:03d}.safetensors", layer_weights)
             del layer_weights
             block.set_tap(observer, f"layers.{layer}.")
@@ -338,11 +302,10 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
         if c.tie_word_embeddings:
             head = embed
         else:
-            x = normed.reshape(-1, c.hidden_size).double()
-            hessian = x.T @ x if recipe.algorithm == "gptq" else None
-            head_weights["lm_head"] = _quantize_weight(tensors.get("lm_head"), recipe.bits_for("lm_head"), recipe,
+            hessian = gram(normed.double()) if recipe.algorithm == "gptq" else None
+            head_weights["lm_head"] = quantize_with_recipe(tensors.get("lm_head"), recipe.bits_for("lm_head"), recipe,
                                                        hessian)
-            head = _dequantized(head_weights["lm_head"])
+            head = dequantized_tensor(head_weights["lm_head"])
         with torch.no_grad():
             for row in normed:  # one row at a time: all rows' logits at once can take gigabytes
                 observer("logits", row @ head.T)
