@@ -28,7 +28,7 @@ from ..memory import release_free_memory
 from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_cos_sin
 from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges
 from .encodings import ActivationEncoding, quantized_norm_weight
-from .gptq import gptq_quantize
+from .gptq import FactorCache, gptq_quantize
 from .hessian import SHARED_INPUT, gram, layer_hessians
 from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight, unpack_int4
 from .recipe import Recipe
@@ -170,12 +170,13 @@ class QuantizedSource:
         return self.source.get(name)
 
 
-def quantize_with_recipe(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None
-                         ) -> QuantizedWeight:
-    """`weight` at `bits` with the recipe's algorithm: GPTQ when it says so and a Hessian is given, else RTN."""
+def quantize_with_recipe(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None,
+                         factors: FactorCache | None = None) -> QuantizedWeight:
+    """`weight` at `bits` with the recipe's algorithm: GPTQ when it says so and a Hessian is given, else RTN.
+    `factors`: shared by the projections of one layer, which share Hessians (`gptq.FactorCache`)."""
     if recipe.algorithm == "gptq" and hessian is not None:
         return gptq_quantize(weight, hessian, bits, recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
-                             clip_search=recipe.clip_search)
+                             clip_search=recipe.clip_search, factors=factors)
     return quantize_weight(weight, bits, recipe.block_size)
 
 
@@ -279,12 +280,13 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
             if recipe.algorithm == "gptq":  # float layer inputs; the float block is freed right after
                 hessians = layer_hessians(build_block(c, tensors, layer), hidden, cos, sin, mask,
                                           sink_token is not None)
-            layer_weights = {}
+            layer_weights, factors = {}, FactorCache()
             for proj in PROJECTIONS:
                 name = f"layers.{layer}.{proj}"
                 key = SHARED_INPUT[proj]
                 hessian = hessians.pop(key, None) if proj in _LAST_READER else hessians.get(key)
-                layer_weights[name] = quantize_with_recipe(tensors.get(name), recipe.bits_for(name), recipe, hessian)
+                layer_weights[name] = quantize_with_recipe(tensors.get(name), recipe.bits_for(name), recipe, hessian,
+                                                           factors)
             block = build_block(c, tensors, layer, {n: dequantized_tensor(q).numpy() for n, q in layer_weights.items()})
             store.add(f"layer_{layer:03d}.safetensors", layer_weights)
             del layer_weights

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from ..loading import Checkpoint
 from ..loading.names import ATTENTION_PROJECTIONS, PROJECTIONS
 from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_cos_sin
+from .gptq import FactorCache
 from .hessian import SHARED_INPUT, gram, layer_hessians, watch_projections
 from .quantize_model import dequantized_tensor, quantize_with_recipe
 from .recipe import BLOCK_SIZES, BLOCK_SIZES_TEXT, DEFAULT_BLOCK_SIZE, Recipe
@@ -254,8 +255,9 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
             hessians = {}
             if recipe.algorithm == "gptq":  # products in float64, as the measure's sums are
                 hessians = layer_hessians(forward.block, hidden, cos, sin, mask, bool(skip), CHUNK_ROWS, torch.float64)
+            factors = FactorCache()
             quantized = {proj: dequantized_tensor(quantize_with_recipe(forward.weights[proj].numpy(), BITS, recipe,
-                                                             hessians.get(SHARED_INPUT[proj])))
+                                                                       hessians.get(SHARED_INPUT[proj]), factors))
                          for proj in PROJECTIONS}
             del hessians
             signal, proj_signal = 0.0, dict.fromkeys(PROJECTIONS, 0.0)
