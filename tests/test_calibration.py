@@ -21,7 +21,8 @@ from ondevice_llama.quantization.calibration import (
     seed_prompt_ids,
 )
 from ondevice_llama.quantization.encodings import ActivationEncoding, is_kv_tap
-from ondevice_llama.quantization.quantize_model import QuantizedSource, quantize_model
+from ondevice_llama.quantization.quantize_model import quantize_model
+from ondevice_llama.quantization.quantized_checkpoint import QuantizedSource
 from ondevice_llama.quantization.recipe import Recipe
 
 SHORT = Generation(length=14, batch=5)

@@ -13,10 +13,11 @@ import torch
 from ondevice_llama.cli.main import main
 from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
+from ondevice_llama.loading.names import PROJECTIONS
 from ondevice_llama.model.reference import build_block, rope_cos_sin
 from ondevice_llama.quantization import dequantize, quantize_weight
 from ondevice_llama.quantization.calibration import TEXTS
-from ondevice_llama.quantization.quantize_model import PROJECTIONS, QuantizedModel
+from ondevice_llama.quantization.quantized_checkpoint import QuantizedModel
 from ondevice_llama.quantization.recipe import Recipe
 from ondevice_llama.quantization.sensitivity import (
     LayerForward,

@@ -15,7 +15,8 @@ from ..files import cache_path, fingerprint, folder_lock
 from ..loading import Checkpoint
 from ..loading.names import num_parameters
 from .calibration import SEED_PROMPTS, Generation, builtin_sequences, file_sequences, pack_sequences
-from .quantize_model import QUANTIZED_VERSION, QuantizedModel, quantize_model
+from .quantize_model import quantize_model
+from .quantized_checkpoint import QUANTIZED_VERSION, QuantizedModel
 from .recipe import Recipe
 
 CALIBRATION_LENGTH = 256  # tokens per calibration row
