@@ -14,7 +14,6 @@ from ondevice_llama.quantization.calibration import (
     FakeQuantTap,
     Generation,
     RangeObserver,
-    _Decoder,
     builtin_sequences,
     generated_sequences,
     handwritten_sequences,
@@ -22,7 +21,8 @@ from ondevice_llama.quantization.calibration import (
     seed_prompt_ids,
 )
 from ondevice_llama.quantization.encodings import ActivationEncoding, is_kv_tap
-from ondevice_llama.quantization.quantize_model import QuantizedSource, quantize_model
+from ondevice_llama.quantization.quantize_model import quantize_model
+from ondevice_llama.quantization.quantized_checkpoint import QuantizedSource
 from ondevice_llama.quantization.recipe import Recipe
 
 SHORT = Generation(length=14, batch=5)
@@ -36,13 +36,15 @@ def few_prompts(monkeypatch):
 
 
 def test_decoder_steps_match_the_reference(tiny_checkpoints):
+    """Generation's one-token steps for a batch (the reference through a sliced cache) give the full forward."""
     checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
     model = load_reference(checkpoint)
     tokens = torch.randint(0, checkpoint.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
-    decoder = _Decoder(model, 3, 12)
-    steps = torch.stack([decoder.step(tokens[:, t], t) for t in range(12)], dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(steps, model(tokens), rtol=1e-4, atol=1e-4)
+        full = model(tokens)
+        model.setup_cache(12, batch=3, sliced=True)
+        steps = torch.stack([model(tokens[:, t:t + 1], torch.tensor([t]))[:, 0] for t in range(12)], dim=1)
+        torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
 
 
 def test_generated_text_is_seeded_cached_and_starts_with_the_prompts(tiny_checkpoints, tmp_path, monkeypatch):

@@ -89,7 +89,7 @@ def test_quantized_export_follows_its_simulation(default_checkpoint, tmp_path):
     npu target: with its attention sink, ONNX Runtime follows the simulated model on wikitext (the default
     model's massive first-token activation broke this before: 89% agreement), and it still answers."""
     from ondevice_llama.evaluation import evaluate, exported_logits, load_text_tokens, simulated_logits
-    from ondevice_llama.quantization.quantize_model import QuantizedModel
+    from ondevice_llama.quantization.quantized_checkpoint import QuantizedModel
 
     text = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
     if not text.exists():

@@ -15,7 +15,8 @@ from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.manifest import load_manifest
 from ondevice_llama.quantization.calibration import builtin_sequences, pack_sequences
-from ondevice_llama.quantization.quantize_model import QuantizedModel, quantize_model
+from ondevice_llama.quantization.quantize_model import quantize_model
+from ondevice_llama.quantization.quantized_checkpoint import QuantizedModel
 from ondevice_llama.quantization.recipe import Recipe
 
 from .tiny_files import restamp

@@ -13,14 +13,15 @@ import torch
 from ondevice_llama.cli.main import main
 from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
-from ondevice_llama.model.reference import rope_cos_sin
+from ondevice_llama.loading.names import PROJECTIONS
+from ondevice_llama.model.reference import build_block, rope_cos_sin
 from ondevice_llama.quantization import dequantize, quantize_weight
 from ondevice_llama.quantization.calibration import TEXTS
-from ondevice_llama.quantization.quantize_model import PROJECTIONS, QuantizedModel, _load_block
+from ondevice_llama.quantization.quantized_checkpoint import QuantizedModel
 from ondevice_llama.quantization.recipe import Recipe
 from ondevice_llama.quantization.sensitivity import (
+    LayerForward,
     Piece,
-    _LayerForward,
     analyze_sensitivity,
     choose_overrides,
     select_rows,
@@ -79,14 +80,14 @@ def test_layer_forward_matches_the_reference_block(tiny_checkpoints, name):
     mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
     x = torch.randn(2, length, c.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        block = _load_block(c, checkpoint.tensors, 1)
-        forward = _LayerForward(block, cos, sin)
+        block = build_block(c, checkpoint.tensors, 1)
+        forward = LayerForward(block, cos, sin)
         f = forward.float(x)
         torch.testing.assert_close(f["out"], block(x, cos, sin, mask, None), atol=1e-5, rtol=1e-5)
         for proj in PROJECTIONS:
             q = quantize_weight(checkpoint.tensors.get(f"layers.1.{proj}"), 4, 32)
             weight = dequantize(q.codes, q.scales, None, q.group_size)
-            expected = _load_block(c, checkpoint.tensors, 1, {f"layers.1.{proj}": weight})(x, cos, sin, mask, None)
+            expected = build_block(c, checkpoint.tensors, 1, {f"layers.1.{proj}": weight})(x, cos, sin, mask, None)
             out, _ = forward.with_weight(f, proj, torch.from_numpy(weight))
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
             assert not torch.allclose(out, f["out"], atol=1e-3)  # the quantization does show

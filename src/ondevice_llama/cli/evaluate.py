@@ -82,7 +82,7 @@ def _exported(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str,
         quantized = manifest.extra.get("quantization", {}).get("quantized_checkpoint")
         if quantized and Path(quantized).exists():
             from ..evaluation.sources import simulated_logits
-            from ..quantization.quantize_model import QuantizedModel
+            from ..quantization.quantized_checkpoint import QuantizedModel
 
             sources["simulated"] = simulated_logits(checkpoint, QuantizedModel.load(quantized))
             info["quantized_checkpoint"] = quantized
@@ -109,7 +109,7 @@ def _quantized(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[str
     """A quantized checkpoint: the float checkpoint it came from and the simulated quantized model."""
     from ..evaluation.sources import float_logits, simulated_logits
     from ..loading import open_checkpoint
-    from ..quantization.quantize_model import QuantizedModel
+    from ..quantization.quantized_checkpoint import QuantizedModel
 
     quantized = QuantizedModel.load(args.model)
     source = quantized.source

@@ -20,7 +20,7 @@ from ..loading import Checkpoint, open_checkpoint
 from .evaluate import LogitFn
 
 if TYPE_CHECKING:
-    from ..quantization.quantize_model import QuantizedModel
+    from ..quantization.quantized_checkpoint import QuantizedModel
     from ..runtime import ExportedModel
 
 
@@ -52,7 +52,7 @@ def simulated_logits(checkpoint: Checkpoint | Path | str | None, quantized: Quan
 
     from ..model import build_reference
     from ..quantization.calibration import FakeQuantTap
-    from ..quantization.quantize_model import QuantizedSource
+    from ..quantization.quantized_checkpoint import QuantizedSource
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)

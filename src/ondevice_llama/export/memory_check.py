@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import LlamaConfig
 from ..loading.names import PROJECTIONS, num_parameters, tensor_shape
 from ..memory import available_bytes
 from ..quantization.recipe import Recipe
+
+if TYPE_CHECKING:
+    from .plan import ExportPlan
 
 GB = 1e9
 BASELINE = 0.38 * GB  # interpreter with torch, onnx, onnxruntime and numpy loaded, checkpoint opened
@@ -95,6 +99,12 @@ def estimate_export_memory(config: LlamaConfig, target: str, precision: str, rec
     else:
         phases["export"] = BASELINE + F32 * layer + F32 * QUANTIZER_TEMPORARIES * max(table, largest)
     return MemoryEstimate(phases)
+
+
+def estimate_plan_memory(plan: ExportPlan) -> MemoryEstimate:
+    """`estimate_export_memory` for an export plan (`plan.plan_export`)."""
+    return estimate_export_memory(plan.config, plan.options.target, plan.options.precision, plan.recipe,
+                                  plan.generated_calibration, plan.quantize, plan.calibration_tokens)
 
 
 class NotEnoughMemory(ValueError):

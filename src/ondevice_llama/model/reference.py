@@ -5,12 +5,17 @@ is itself tested against Hugging Face's `LlamaForCausalLM`. The math lives in fr
 
 Named taps (`layers.3.q`, `layers.3.scores`, ... see `TAPS`) mark every activation an accelerator graph
 quantizes; by default they do nothing, and quantization uses them to observe ranges or fake-quantize.
+
+Quantization also runs this model one decoder layer at a time (`build_block`, `Block.attention_step` and
+`Block.mlp_step`, `Block.projection`), and calibration text is generated through a cache read only up to the
+current position (`setup_cache(..., sliced=True)`): one attention, whoever runs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,7 +23,7 @@ from torch import Tensor, nn
 from ..adapt.rope import rope_tables
 from ..config import LlamaConfig
 from ..loading import Checkpoint, TensorSource
-from ..loading.names import ATTENTION_PROJECTIONS
+from ..loading.names import ATTENTION_PROJECTIONS, LAYER_TENSORS, is_norm
 
 Tap = Callable[[str, Tensor], Tensor]
 
@@ -53,6 +58,12 @@ def repeat_kv(x: Tensor, group_size: int) -> Tensor:
     return x if group_size == 1 else x.repeat_interleave(group_size, dim=1)
 
 
+def causal_mask(input_pos: Tensor, keys: int, dtype: torch.dtype) -> Tensor:
+    """[T, keys] additive mask: query at position input_pos[i] sees keys 0..input_pos[i]."""
+    allowed = torch.arange(keys)[None, :] <= input_pos[:, None]
+    return torch.zeros(len(input_pos), keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 # Activation taps per layer, in order; the exported graph quantizes the same tensors under the same names.
 LAYER_TAPS = ("input_norm", "q", "k", "v", "v_cache", "q_rope", "k_rope", "scores", "probs", "context", "o",
               "attn_residual", "post_attention_norm", "gate", "up", "silu", "gate_up", "down", "mlp_residual")
@@ -60,17 +71,26 @@ GLOBAL_TAPS = ("embed", "norm", "logits")
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, written at `input_pos` (gpt-fast style)."""
+    """Preallocated keys and values, written at `input_pos` (gpt-fast style).
 
-    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+    sliced: `update` returns the slots up to the last position written, not the whole buffer (decoding a
+    long buffer step by step then costs what the positions so far cost; `Transformer.forward` masks to match).
+    """
+
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 sliced: bool = False):
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.sliced = sliced
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
+        if self.sliced:
+            end = int(input_pos.max()) + 1
+            return self.k[:, :, :end], self.v[:, :, :end]
         return self.k, self.v
 
 
@@ -137,10 +157,22 @@ class Block(nn.Module):
         for module in (self, self.attention, self.mlp):
             module.tap, module.prefix = tap, prefix
 
+    def projection(self, name: str) -> nn.Linear:
+        """The projection `name` (q_proj, ..., down_proj) of this layer."""
+        return getattr(self.attention if name in ATTENTION_PROJECTIONS else self.mlp, name)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None) -> Tensor:
+        return self.mlp_step(self.attention_step(x, cos, sin, mask, input_pos))
+
+    def attention_step(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None) -> Tensor:
+        """The residual stream after attention: x + attention(input_norm(x))."""
         tap, p = self.tap, self.prefix
         h = tap(p + "input_norm", rms_norm(x, self.input_norm, self.eps))
-        x = tap(p + "attn_residual", x + self.attention(h, cos, sin, mask, input_pos))
+        return tap(p + "attn_residual", x + self.attention(h, cos, sin, mask, input_pos))
+
+    def mlp_step(self, x: Tensor) -> Tensor:
+        """The residual stream after the MLP: x + mlp(post_attention_norm(x)), x from `attention_step`."""
+        tap, p = self.tap, self.prefix
         h = tap(p + "post_attention_norm", rms_norm(x, self.post_attention_norm, self.eps))
         return tap(p + "mlp_residual", x + self.mlp(h))
 
@@ -156,6 +188,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.max_len = 0
+        self.sliced = False
         self.set_tap(identity_tap)
 
     def set_tap(self, tap: Tap) -> None:
@@ -164,13 +197,18 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer.set_tap(tap, f"layers.{i}.")
 
-    def setup_cache(self, max_len: int, batch: int = 1) -> None:
-        """Allocate a KV cache so `forward` can be called step by step with `input_pos`."""
+    def setup_cache(self, max_len: int, batch: int = 1, sliced: bool = False) -> None:
+        """Allocate a KV cache so `forward` can be called step by step with `input_pos`.
+
+        sliced: attention reads the cache only up to the last position written (see `KVCache`); for decoding
+        far fewer positions than `max_len` holds on average, as calibration text generation does.
+        """
         c = self.config
         dtype = self.embed_tokens.weight.dtype
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, max_len, c.num_kv_heads, c.head_dim, dtype)
+            layer.attention.kv_cache = KVCache(batch, max_len, c.num_kv_heads, c.head_dim, dtype, sliced)
         self.max_len = max_len
+        self.sliced = sliced
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, rope_positions: Tensor | None = None) -> Tensor:
         """tokens: [B, T]. Without a cache, input_pos defaults to 0..T-1 and attention is causal.
@@ -181,11 +219,9 @@ class Transformer(nn.Module):
         t = tokens.shape[1]
         if input_pos is None:
             input_pos = torch.arange(t)
-        keys = self.max_len if self.max_len else t
-        key_pos = torch.arange(keys)
-        allowed = key_pos[None, :] <= input_pos[:, None]
+        keys = (int(input_pos.max()) + 1 if self.sliced else self.max_len) if self.max_len else t
         dtype = self.embed_tokens.weight.dtype
-        mask = torch.zeros(t, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = causal_mask(input_pos, keys, dtype)
         cos, sin = rope_cos_sin(self.config, input_pos if rope_positions is None else rope_positions)
         cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.tap("embed", self.embed_tokens(tokens))
@@ -203,6 +239,19 @@ def _parameter_name(name: str) -> str:
         suffix = "" if tensor.endswith("norm") else f"{group}.{tensor}.weight"
         return f"layers.{i}.{tensor}" if not suffix else f"layers.{i}.{suffix}"
     return {"embed_tokens": "embed_tokens.weight", "norm": "norm", "lm_head": "lm_head.weight"}[name]
+
+
+def build_block(config: LlamaConfig, tensors: TensorSource, layer: int,
+                weights: Mapping[str, np.ndarray] | None = None) -> Block:
+    """Decoder layer `layer` alone, its weights read from `tensors` (or from `weights` where it has them:
+    dequantized ones, say); quantization runs a model this way, one layer in memory at a time."""
+    block = Block(config)
+    for tensor in LAYER_TENSORS:
+        name = f"layers.{layer}.{tensor}"
+        value = torch.from_numpy(weights[name] if weights and name in weights else tensors.get(name))
+        target = getattr(block, tensor) if is_norm(tensor) else block.projection(tensor).weight
+        target.data = value
+    return block.eval()
 
 
 def build_reference(config: LlamaConfig, tensors: TensorSource, dtype: torch.dtype = torch.float32) -> Transformer:

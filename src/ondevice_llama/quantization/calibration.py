@@ -29,7 +29,6 @@ from ..adapt.mask import MASK_VALUE
 from ..chat_format import encode_text, format_chat
 from ..files import cache_path
 from ..loading import Checkpoint
-from ..model.reference import apply_rope, rms_norm, rope_cos_sin
 from .encodings import ActivationEncoding, is_kv_tap
 
 CHATS: tuple[tuple[str, str], ...] = (
@@ -159,40 +158,6 @@ def seed_prompt_ids(checkpoint: Checkpoint) -> list[list[int]]:
     return prompts
 
 
-class _Decoder:
-    """One-token decode steps of the reference model's modules for a batch: the same math, but the KV cache
-    is read only up to the current position and grouped-query attention reads K/V without repeating them
-    (the reference's cache path repeats its whole preallocated cache every step)."""
-
-    def __init__(self, model, batch: int, length: int):
-        c = self.config = model.config
-        self.model = model
-        shape = (batch, c.num_kv_heads, length, c.head_dim)
-        self.keys = [torch.zeros(shape) for _ in range(c.num_layers)]
-        self.values = [torch.zeros(shape) for _ in range(c.num_layers)]
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
-        """tokens [B] at position t -> logits [B, vocab]."""
-        c, m = self.config, self.model
-        b, group = tokens.shape[0], c.num_heads // c.num_kv_heads
-        cos, sin = rope_cos_sin(c, torch.tensor([t]))
-        x = m.embed_tokens(tokens)[:, None]
-        for i, layer in enumerate(m.layers):
-            a = layer.attention
-            h = rms_norm(x, layer.input_norm, layer.eps)
-            q = apply_rope(a.q_proj(h).view(b, 1, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
-            k = apply_rope(a.k_proj(h).view(b, 1, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
-            self.keys[i][:, :, t] = k[:, :, 0]
-            self.values[i][:, :, t] = a.v_proj(h).view(b, c.num_kv_heads, c.head_dim)
-            keys, values = self.keys[i][:, :, :t + 1], self.values[i][:, :, :t + 1]
-            q = q.reshape(b, c.num_kv_heads, group, c.head_dim)  # query head j reads K/V head j // group
-            probs = torch.softmax((q @ keys.transpose(-1, -2)) * c.head_dim**-0.5, dim=-1)
-            x = x + a.o_proj((probs @ values).reshape(b, 1, c.num_heads * c.head_dim))
-            x = x + layer.mlp(rms_norm(x, layer.post_attention_norm, layer.eps))
-        return m.lm_head(rms_norm(x, m.norm, c.rms_norm_eps))[:, 0]
-
-
 def generate_sequences(checkpoint: Checkpoint, settings: Generation = Generation(), progress: bool = True
                        ) -> list[list[int]]:
     """Each seed prompt continued by the float model to `settings.length` tokens (seeded top-k sampling)."""
@@ -207,7 +172,7 @@ def generate_sequences(checkpoint: Checkpoint, settings: Generation = Generation
                disable=not progress, dynamic_ncols=True)
     for first in batches:
         group = prompts[first:first + settings.batch]
-        decoder = _Decoder(model, len(group), settings.length)
+        model.setup_cache(settings.length, batch=len(group), sliced=True)
         tokens = torch.zeros(len(group), settings.length, dtype=torch.long)
         in_prompt = torch.zeros(len(group), settings.length, dtype=torch.bool)
         for row, prompt in enumerate(group):
@@ -215,7 +180,8 @@ def generate_sequences(checkpoint: Checkpoint, settings: Generation = Generation
             in_prompt[row, :len(prompt)] = True
         # One token per step for every row; rows still inside their prompt take the prompt's next token.
         for t in range(settings.length - 1):
-            logits = decoder.step(tokens[:, t], t).double() / settings.temperature
+            with torch.no_grad():
+                logits = model(tokens[:, t:t + 1], torch.tensor([t]))[:, 0].double() / settings.temperature
             top = torch.topk(logits, settings.top_k, dim=-1)
             pick = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
             sampled = top.indices.gather(1, pick)[:, 0]

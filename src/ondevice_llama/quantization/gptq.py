@@ -62,35 +62,53 @@ def _scales(w: torch.Tensor, bits: int, group_size: int, clip_search: bool, impo
     return torch.where(absmax > 0, absmax, torch.full_like(absmax, float(qmax))) / qmax
 
 
-_last_factor: list = []  # [(hessian, damp, act_order), (perm, factor)]: projections sharing an input share one
+class FactorCache:
+    """The last inverse-Hessian factor `gptq_quantize` computed, for the next call given the very same Hessian
+    tensor: q/k/v (and gate/up) share one input and so one Hessian, which is then factored once. One cache per
+    layer being quantized, passed explicitly (`factors=`)."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._value: tuple[torch.Tensor, np.ndarray] | None = None
+
+    def get(self, hessian: torch.Tensor, damp: float, act_order: bool) -> tuple[torch.Tensor, np.ndarray] | None:
+        key = self._key
+        return self._value if key is not None and key[0] is hessian and key[1:] == (damp, act_order) else None
+
+    def put(self, hessian: torch.Tensor, damp: float, act_order: bool, value: tuple[torch.Tensor, np.ndarray]
+            ) -> None:
+        self._key, self._value = (hessian, damp, act_order), value
 
 
-def _inverse_factor(hessian: torch.Tensor, h: torch.Tensor, damp: float, act_order: bool
-                    ) -> tuple[torch.Tensor, np.ndarray]:
+def _inverse_factor(hessian: torch.Tensor, h: torch.Tensor, damp: float, act_order: bool,
+                    factors: FactorCache | None) -> tuple[torch.Tensor, np.ndarray]:
     """The visiting order and the upper Cholesky factor U of the damped, permuted H^-1 (H^-1 = U^T U).
 
-    With J the reversal, chol(J H J) = L gives U = J L^-1 J: one Cholesky and one triangular solve. The last
-    result is kept, so q/k/v (and gate/up), which are given the very same Hessian tensor, factor it once.
+    With J the reversal, chol(J H J) = L gives U = J L^-1 J: one Cholesky and one triangular solve. With
+    `factors`, a factor already computed there for this very Hessian tensor is reused.
     """
-    if _last_factor and _last_factor[0][0] is hessian and _last_factor[0][1:] == (damp, act_order):
-        return _last_factor[1]
+    cached = factors.get(hessian, damp, act_order) if factors is not None else None
+    if cached is not None:
+        return cached
     cols = h.shape[0]
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
     h = h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
     lower = torch.linalg.cholesky(h.flip(0, 1))
     factor = torch.linalg.solve_triangular(lower, torch.eye(cols, dtype=h.dtype), upper=False).flip(0, 1).numpy()
-    _last_factor[:] = [(hessian, damp, act_order), (perm, factor)]
+    if factors is not None:
+        factors.put(hessian, damp, act_order, (perm, factor))
     return perm, factor
 
 
 def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_size: int | None,
                   damp: float = 0.01, step: int = 32, act_order: bool = False,
-                  clip_search: bool = False) -> QuantizedWeight:
+                  clip_search: bool = False, factors: FactorCache | None = None) -> QuantizedWeight:
     """weight [out, in] float32; hessian [in, in] = sum of x^T x over calibration inputs.
 
     damp: fraction of the mean Hessian diagonal added to the diagonal (regularizes a Hessian estimated from
     few positions, pulling GPTQ towards plain rounding). step: columns per lazy batch update (speed only).
+    factors: where projections sharing this Hessian tensor share its inverse factor (`FactorCache`).
     """
     w = torch.from_numpy(np.asarray(weight, np.float32)).double()
     h = torch.as_tensor(hessian).double().clone()
@@ -105,7 +123,7 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
     static = act_order or group == cols
     scales = (_scales(w, bits, group, clip_search, importance) if static
               else torch.zeros(out, cols // group, dtype=w.dtype))
-    perm, h_inv = _inverse_factor(hessian, h, damp, act_order)
+    perm, h_inv = _inverse_factor(hessian, h, damp, act_order, factors)
     # The column loop in numpy on the transposed weight (one visited column = one contiguous row): several
     # times faster than torch for these small steps.
     wt = w[:, perm].T.contiguous().numpy()

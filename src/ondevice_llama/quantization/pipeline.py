@@ -15,7 +15,8 @@ from ..files import cache_path, fingerprint, folder_lock
 from ..loading import Checkpoint
 from ..loading.names import num_parameters
 from .calibration import SEED_PROMPTS, Generation, builtin_sequences, file_sequences, pack_sequences
-from .quantize_model import QUANTIZED_VERSION, QuantizedModel, quantize_model
+from .quantize_model import quantize_model
+from .quantized_checkpoint import QUANTIZED_VERSION, QuantizedModel
 from .recipe import Recipe
 
 CALIBRATION_LENGTH = 256  # tokens per calibration row
@@ -68,9 +69,13 @@ def quantized_cache_folder(checkpoint: Checkpoint, recipe: Recipe, calibration_f
 
 
 def prepare_quantized(checkpoint: Checkpoint, recipe: Recipe, calibration_file: Path | None = None,
-                      out: Path | None = None, progress: bool = True) -> tuple[QuantizedModel, Path]:
-    """The quantized checkpoint for `recipe`: loaded from `out` (default: the cache) if already made there."""
-    folder = out or quantized_cache_folder(checkpoint, recipe, calibration_file)
+                      out: Path | None = None, progress: bool = True, cache: Path | None = None
+                      ) -> tuple[QuantizedModel, Path]:
+    """The quantized checkpoint for `recipe`: loaded from `out` (default: the cache) if already made there.
+
+    cache: the cache's folder when already worked out (`quantized_cache_folder`, as an export plan has it).
+    """
+    folder = out or cache or quantized_cache_folder(checkpoint, recipe, calibration_file)
     with folder_lock(folder):  # a second process quantizing the same waits, then reuses the result
         return _prepare_locked(checkpoint, recipe, calibration_file, folder, progress, cached=out is None), folder
 

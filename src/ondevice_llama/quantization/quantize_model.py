@@ -3,217 +3,45 @@
 Only one decoder layer is ever built in memory. Calibration hidden states flow through the layers in
 turn: each layer first runs in float to collect its input Hessians, is quantized, then runs again
 (quantized) to observe its activation ranges and to produce the next layer's inputs, so later layers
-calibrate against the errors of earlier ones, as GPTQ prescribes.
+calibrate against the errors of earlier ones, as GPTQ prescribes. What it writes is a quantized checkpoint
+(`quantized_checkpoint.py`, the format).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..attention_sink import SINK_FILE, AttentionSink
+from ..attention_sink import AttentionSink
 from ..config import LlamaConfig
-from ..files import FileError, folder_lock, make_staging_folder, read_versioned_json, replace_folder
-from ..loading import Checkpoint, TensorSource
-from ..loading.names import ATTENTION_PROJECTIONS, LAYER_TENSORS, PROJECTIONS, is_norm
-from ..loading.safetensors_reader import SafetensorsFile, write_safetensors
+from ..files import folder_lock, make_staging_folder, replace_folder
+from ..loading import Checkpoint
+from ..loading.names import PROJECTIONS
 from ..memory import release_free_memory
-from ..model.reference import Block, rms_norm, rope_cos_sin
-from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges, later_positions
-from .encodings import ActivationEncoding, quantized_norm_weight
-from .gptq import gptq_quantize
-from .quantizers import QuantizedWeight, dequantize, pack_int4, quantize_weight, unpack_int4
+from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_cos_sin
+from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges
+from .encodings import ActivationEncoding
+from .gptq import FactorCache, gptq_quantize
+from .hessian import SHARED_INPUT, gram, layer_hessians
+from .quantized_checkpoint import QuantizedModel, WeightStore, write_meta
+from .quantizers import QuantizedWeight, dequantize, quantize_weight
 from .recipe import Recipe
 
-QUANTIZED_FORMAT = "ondevice-llama-quantized"
-QUANTIZED_VERSION = 5  # 3: the attention sink; 4: its K/V quantized as cache entries; 5: values' own cache tap
-# Projections that read the same input share one Hessian.
-SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 _LAST_READER = ("v_proj", "o_proj", "up_proj", "down_proj")  # after these, their input's Hessian is freed
 
 
-class QuantizedWeights(Mapping[str, QuantizedWeight]):
-    """Quantized weights on disk, one safetensors file per layer, read one tensor at a time.
-
-    4-bit codes are stored packed two per byte, so a 7B model takes about half its int8 size.
-    """
-
-    def __init__(self, folder: Path, index: dict[str, dict]):
-        self.folder, self.index = Path(folder), index
-        self._files: dict[str, SafetensorsFile] = {}
-
-    def __getitem__(self, name: str) -> QuantizedWeight:
-        info = self.index[name]
-        file = self._files.get(info["file"])
-        if file is None:
-            file = self._files[info["file"]] = SafetensorsFile(self.folder / info["file"])
-        codes = np.array(file.read_raw(f"{name}.codes"))
-        if info["bits"] == 4:
-            codes = unpack_int4(codes, tuple(info["shape"]))
-        return QuantizedWeight(codes, file.read(f"{name}.scales"), None, info["bits"], info["group_size"],
-                               info["max_error"])
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.index  # without reading the tensor, as Mapping's default would
-
-    def __iter__(self):
-        return iter(self.index)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-
-def _index(index: dict[str, dict]) -> dict[str, dict]:
-    """The weights index of quantization.json, checked: plain file names, 4 or 8 bits, a shape."""
-    for name, info in index.items():
-        if not (isinstance(info["file"], str) and Path(info["file"]).name == info["file"]
-                and info["bits"] in (4, 8) and isinstance(info["shape"], list)):
-            raise ValueError(f"weight {name}: bad index entry {info!r}")
-    return index
-
-
-def _write_weights(folder: Path, file: str, weights: dict[str, QuantizedWeight]) -> dict[str, dict]:
-    """Write one file of quantized weights; return their index entries."""
-    tensors, index = {}, {}
-    for name, q in weights.items():
-        tensors[f"{name}.codes"] = pack_int4(q.codes) if q.bits == 4 else q.codes
-        tensors[f"{name}.scales"] = q.scales
-        index[name] = {"file": file, "bits": q.bits, "group_size": q.group_size, "shape": list(q.codes.shape),
-                       "max_error": q.max_error}
-    write_safetensors(folder / file, tensors)
-    return index
-
-
-@dataclass
-class QuantizedModel:
-    """Integer weights and activation encodings: everything export and simulation need beyond the checkpoint."""
-
-    config: LlamaConfig
-    recipe: Recipe
-    weights: Mapping[str, QuantizedWeight]
-    activations: dict[str, ActivationEncoding]
-    calibration: dict = field(default_factory=dict)  # what the encodings were calibrated on
-    source: str = ""  # the float checkpoint it was quantized from
-    attention_sink: AttentionSink | None = None  # position 0 of every sequence, in float (attention_sink.py)
-
-    def dequantized(self, name: str) -> np.ndarray:
-        q = self.weights[name]
-        return dequantize(q.codes, q.scales, q.zero_points, q.group_size)
-
-    def save(self, folder: Path) -> Path:
-        """A reusable quantized checkpoint: `quantization.json` plus integer codes and scales in safetensors."""
-        folder = Path(folder)
-        with folder_lock(folder):
-            tmp = make_staging_folder(folder)
-            try:
-                index = _write_weights(tmp, "weights.safetensors", dict(self.weights))
-                _write_meta(tmp, self, index)
-                replace_folder(tmp, folder)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        return folder
-
-    @classmethod
-    def load(cls, folder: Path | str) -> QuantizedModel:
-        """Read a quantized checkpoint; a damaged or malformed one is a one-line error naming the file."""
-        folder = Path(folder)
-        path = folder / "quantization.json"
-        meta = read_versioned_json(path, QUANTIZED_FORMAT, QUANTIZED_VERSION, "quantized checkpoint")
-        try:
-            config = LlamaConfig.from_dict(meta["config"])
-            activations = {n: ActivationEncoding.from_dict(e) for n, e in meta["activations"].items()}
-            model = cls(config, Recipe.from_dict(meta["recipe"]), QuantizedWeights(folder, _index(meta["weights"])),
-                        activations, meta.get("calibration", {}), meta.get("source", ""))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise FileError(path, f"malformed quantized checkpoint ({type(e).__name__}: {e})") from None
-        if (folder / SINK_FILE).exists():
-            shape = (config.num_layers, config.num_kv_heads, config.head_dim)
-            model.attention_sink = AttentionSink.load(folder / SINK_FILE, shape, config.vocab_size)
-        return model
-
-
-def _write_meta(folder: Path, model: QuantizedModel, index: dict[str, dict]) -> None:
-    """Everything but the weight files: `quantization.json` and the attention sink, if any."""
-    meta = {"format": QUANTIZED_FORMAT, "format_version": QUANTIZED_VERSION, "source": model.source,
-            "config": model.config.to_dict(), "recipe": model.recipe.to_dict(), "calibration": model.calibration,
-            "weights": index, "activations": {n: e.to_dict() for n, e in model.activations.items()}}
-    (folder / "quantization.json").write_text(json.dumps(meta, indent=2))
-    if model.attention_sink is not None:
-        model.attention_sink.save(folder / SINK_FILE)
-
-
-class QuantizedSource:
-    """The checkpoint's tensors with every quantized weight replaced by its dequantized codes, and the weight of
-    every norm whose output is quantized by its 16-bit round trip (as the export holds it)."""
-
-    def __init__(self, source: TensorSource, quantized: QuantizedModel):
-        self.source, self.quantized = source, quantized
-
-    def names(self) -> list[str]:
-        return self.source.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.source.shape(name)
-
-    def get(self, name: str) -> np.ndarray:
-        if name in self.quantized.weights:
-            return self.quantized.dequantized(name)
-        if is_norm(name) and name in self.quantized.activations:  # a quantized norm: its weight is, too
-            return quantized_norm_weight(self.source.get(name))
-        return self.source.get(name)
-
-
-def _quantize_weight(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None) -> QuantizedWeight:
+def quantize_with_recipe(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None,
+                         factors: FactorCache | None = None) -> QuantizedWeight:
+    """`weight` at `bits` with the recipe's algorithm: GPTQ when it says so and a Hessian is given, else RTN.
+    `factors`: shared by the projections of one layer, which share Hessians (`gptq.FactorCache`)."""
     if recipe.algorithm == "gptq" and hessian is not None:
         return gptq_quantize(weight, hessian, bits, recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
-                             clip_search=recipe.clip_search)
+                             clip_search=recipe.clip_search, factors=factors)
     return quantize_weight(weight, bits, recipe.block_size)
-
-
-def _linear(block: Block, proj: str) -> torch.nn.Linear:
-    return getattr(block.attention if proj in ATTENTION_PROJECTIONS else block.mlp, proj)
-
-
-def _load_block(config: LlamaConfig, tensors: TensorSource, layer: int, weights=None) -> Block:
-    """One decoder layer with float weights, or with the given (dequantized) ones."""
-    block = Block(config)
-    for tensor in LAYER_TENSORS:
-        name = f"layers.{layer}.{tensor}"
-        value = torch.from_numpy(weights[name] if weights and name in weights else tensors.get(name))
-        target = getattr(block, tensor) if tensor.endswith("norm") else _linear(block, tensor).weight
-        target.data = value
-    return block.eval()
-
-
-def _hessians(block: Block, hidden: torch.Tensor, cos, sin, mask, skip_first: bool) -> dict[str, torch.Tensor]:
-    """Sum of x^T x over every calibration position (but the sink's, with `skip_first`), for each distinct
-    projection input."""
-    sums: dict[str, torch.Tensor] = {}
-
-    def accumulate(key: str):
-        def hook(_module, args) -> None:
-            x = later_positions(args[0]) if skip_first else args[0]
-            x = x.reshape(-1, x.shape[-1]).float()
-            for chunk in x.split(2048):  # fp32 products (fast), summed in fp64
-                sums[key] = sums.get(key, 0) + (chunk.T @ chunk).double()
-        return hook
-
-    readers = {key: proj for proj, key in reversed(SHARED_INPUT.items())}  # one reader per input
-    hooks = [_linear(block, proj).register_forward_pre_hook(accumulate(key)) for key, proj in readers.items()]
-    with torch.no_grad():
-        block(hidden, cos, sin, mask, None)
-    for hook in hooks:
-        hook.remove()
-    return sums
 
 
 class _SinkPass:
@@ -251,25 +79,8 @@ class _SinkPass:
                              torch.stack(self.values).reshape(shape).numpy(), logits.numpy())
 
 
-class _WeightSink:
-    """Where quantized weights go: kept in memory, or written to `folder` one file per layer as they come."""
-
-    def __init__(self, folder: Path | None):
-        self.folder = folder
-        self.memory: dict[str, QuantizedWeight] = {}
-        self.index: dict[str, dict] = {}
-
-    def add(self, file: str, weights: dict[str, QuantizedWeight]) -> None:
-        if self.folder is None:
-            self.memory |= weights
-        else:
-            self.index |= _write_weights(self.folder, file, weights)
-
-    def mapping(self) -> Mapping[str, QuantizedWeight]:
-        return self.memory if self.folder is None else QuantizedWeights(self.folder, self.index)
-
-
-def _dequantized(q: QuantizedWeight) -> torch.Tensor:
+def dequantized_tensor(q: QuantizedWeight) -> torch.Tensor:
+    """A symmetric quantized weight's float values, as a tensor."""
     return torch.from_numpy(dequantize(q.codes, q.scales, None, q.group_size))
 
 
@@ -298,30 +109,31 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
     c, tensors = checkpoint.config, checkpoint.tensors
     tmp = make_staging_folder(out) if out is not None else None
     try:
-        store = _WeightSink(tmp)
+        store = WeightStore(tmp)
         if sink_token is not None and not bool((calibration[:, 0] == sink_token).all()):
             raise ValueError(f"every calibration row must start with the attention sink token {sink_token}")
         observer = RangeObserver(skip_first=sink_token is not None)
         embed_q = quantize_weight(tensors.get("embed_tokens"), recipe.bits_for("embed_tokens"), recipe.block_size)
-        embed = _dequantized(embed_q)
+        embed = dequantized_tensor(embed_q)
         sink_pass = None if sink_token is None else _SinkPass(c, sink_token, embed[sink_token])
         hidden = observer("embed", embed[calibration])
         length = calibration.shape[1]
         cos, sin = rope_cos_sin(c, torch.arange(length))
-        allowed = torch.arange(length)[None, :] <= torch.arange(length)[:, None]
-        mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        mask = causal_mask(torch.arange(length), length, torch.float32)
         for layer in tqdm(range(c.num_layers), desc=f"quantize ({recipe.algorithm})", unit="layer",
                           disable=not progress, dynamic_ncols=True):
             hessians = {}
             if recipe.algorithm == "gptq":  # float layer inputs; the float block is freed right after
-                hessians = _hessians(_load_block(c, tensors, layer), hidden, cos, sin, mask, sink_token is not None)
-            layer_weights = {}
+                hessians = layer_hessians(build_block(c, tensors, layer), hidden, cos, sin, mask,
+                                          sink_token is not None)
+            layer_weights, factors = {}, FactorCache()
             for proj in PROJECTIONS:
                 name = f"layers.{layer}.{proj}"
                 key = SHARED_INPUT[proj]
                 hessian = hessians.pop(key, None) if proj in _LAST_READER else hessians.get(key)
-                layer_weights[name] = _quantize_weight(tensors.get(name), recipe.bits_for(name), recipe, hessian)
-            block = _load_block(c, tensors, layer, {n: _dequantized(q).numpy() for n, q in layer_weights.items()})
+                layer_weights[name] = quantize_with_recipe(tensors.get(name), recipe.bits_for(name), recipe, hessian,
+                                                           factors)
+            block = build_block(c, tensors, layer, {n: dequantized_tensor(q).numpy() for n, q in layer_weights.items()})
             store.add(f"layer_{layer:03d}.safetensors", layer_weights)
             del layer_weights
             block.set_tap(observer, f"layers.{layer}.")
@@ -338,11 +150,10 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
         if c.tie_word_embeddings:
             head = embed
         else:
-            x = normed.reshape(-1, c.hidden_size).double()
-            hessian = x.T @ x if recipe.algorithm == "gptq" else None
-            head_weights["lm_head"] = _quantize_weight(tensors.get("lm_head"), recipe.bits_for("lm_head"), recipe,
+            hessian = gram(normed.double()) if recipe.algorithm == "gptq" else None
+            head_weights["lm_head"] = quantize_with_recipe(tensors.get("lm_head"), recipe.bits_for("lm_head"), recipe,
                                                        hessian)
-            head = _dequantized(head_weights["lm_head"])
+            head = dequantized_tensor(head_weights["lm_head"])
         with torch.no_grad():
             for row in normed:  # one row at a time: all rows' logits at once can take gigabytes
                 observer("logits", row @ head.T)
@@ -353,7 +164,7 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
         model = QuantizedModel(c, recipe, store.mapping(), encodings, info, str(checkpoint.path), attention_sink)
         if tmp is None:
             return model
-        _write_meta(tmp, model, store.index)
+        write_meta(tmp, model, store.index)
         replace_folder(tmp, out)
     except BaseException:
         if tmp is not None:

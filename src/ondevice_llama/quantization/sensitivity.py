@@ -8,9 +8,9 @@ layer is fed float hidden states (the float layers before it), so each figure is
 piece alone. Only one decoder layer is built at a time, and the calibration rows run through it in
 chunks, so memory stays bounded whatever the model size.
 
-Inside a layer only what depends on P is recomputed: with q/k/v at 4 bits, attention and the MLP; with
-o_proj, the MLP; with gate/up, the rest of the MLP; with down_proj, down_proj alone. Attention runs
-as `scaled_dot_product_attention` (causal), equal to the reference `Block` to float rounding.
+The layer is the reference model's `Block` (`build_block`), and inside it only what depends on P is
+recomputed: with q/k/v at 4 bits, the whole layer; with o_proj, the MLP step; with gate/up, the MLP; with
+down_proj, down_proj alone.
 
 Each piece also gets the SQNR of the projection's own output (before the residual), a diagnostic that
 isolates the weight's rounding from how much the layer relies on the projection; the embedding and the
@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,8 +40,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..loading import Checkpoint
-from ..model.reference import Block, apply_rope, rms_norm, rope_cos_sin
-from .quantize_model import PROJECTIONS, SHARED_INPUT, _dequantized, _linear, _load_block, _quantize_weight
+from ..loading.names import ATTENTION_PROJECTIONS, PROJECTIONS
+from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_cos_sin
+from .gptq import FactorCache
+from .hessian import SHARED_INPUT, gram, layer_hessians, watch_projections
+from .quantize_model import dequantized_tensor, quantize_with_recipe
 from .recipe import BLOCK_SIZES, BLOCK_SIZES_TEXT, DEFAULT_BLOCK_SIZE, Recipe
 
 BITS = 4
@@ -138,75 +143,54 @@ def _sum_squares(x: torch.Tensor) -> float:
     return float(x.double().square().sum())
 
 
-class _LayerForward:
-    """A decoder layer's forward pass split into steps, so a changed projection recomputes only what follows it."""
+@contextmanager
+def _weight_replaced(linear: torch.nn.Linear, weight: torch.Tensor) -> Iterator[None]:
+    original = linear.weight.data
+    linear.weight.data = weight
+    try:
+        yield
+    finally:
+        linear.weight.data = original
+
+
+class LayerForward:
+    """A decoder layer (the reference's `Block`) on float hidden states, then again with one projection's
+    weight replaced, recomputed only from the step that projection's output enters (`Block.attention_step`,
+    `Block.mlp_step`)."""
 
     def __init__(self, block: Block, cos: torch.Tensor, sin: torch.Tensor):
         self.block, self.cos, self.sin = block, cos, sin
-        self.config = block.attention.config
-        self.weights = {proj: _linear(block, proj).weight.data for proj in PROJECTIONS}
+        self.weights = {proj: block.projection(proj).weight.data for proj in PROJECTIONS}
 
-    def _heads(self, x: torch.Tensor, heads: int, rope: bool) -> torch.Tensor:
-        b, t, _ = x.shape
-        x = x.view(b, t, heads, self.config.head_dim).transpose(1, 2)
-        return apply_rope(x, self.cos[:t], self.sin[:t]) if rope else x
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        context = F.scaled_dot_product_attention(
-            self._heads(q, c.num_heads, True), self._heads(k, c.num_kv_heads, True),
-            self._heads(v, c.num_kv_heads, False), is_causal=True, enable_gqa=c.num_kv_heads != c.num_heads)
-        b, t = q.shape[:2]
-        return context.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)
-
-    def _after_attention(self, x: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
-        x1 = x + attention_out
-        h2 = rms_norm(x1, self.block.post_attention_norm, self.block.eps)
-        gate, up = F.linear(h2, self.weights["gate_proj"]), F.linear(h2, self.weights["up_proj"])
-        return x1 + F.linear(F.silu(gate) * up, self.weights["down_proj"])
+    def _rope_and_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = x.shape[1]
+        return self.cos[:t], self.sin[:t], causal_mask(torch.arange(t), t, x.dtype)
 
     def float(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every intermediate of the float layer: projection inputs (SHARED_INPUT keys) and outputs, and `out`."""
-        w, block = self.weights, self.block
-        f = {"x": x, "attn_in": rms_norm(x, block.input_norm, block.eps)}
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            f[proj] = F.linear(f["attn_in"], w[proj])
-        f["o_in"] = self._attend(f["q_proj"], f["k_proj"], f["v_proj"])
-        f["o_proj"] = F.linear(f["o_in"], w["o_proj"])
-        f["x1"] = x + f["o_proj"]
-        f["mlp_in"] = rms_norm(f["x1"], block.post_attention_norm, block.eps)
-        f["gate_proj"], f["up_proj"] = F.linear(f["mlp_in"], w["gate_proj"]), F.linear(f["mlp_in"], w["up_proj"])
-        f["down_in"] = F.silu(f["gate_proj"]) * f["up_proj"]
-        f["down_proj"] = F.linear(f["down_in"], w["down_proj"])
-        f["out"] = f["x1"] + f["down_proj"]
+        """Every intermediate of the float layer: projection inputs (SHARED_INPUT keys) and outputs, the residual
+        stream after attention (`x1`) and the output (`out`)."""
+        f = {"x": x}
+
+        def record(proj: str, inputs: torch.Tensor, output: torch.Tensor) -> None:
+            f[SHARED_INPUT[proj]], f[proj] = inputs, output
+
+        with watch_projections(self.block, record):
+            f["x1"] = self.block.attention_step(x, *self._rope_and_mask(x), None)
+            f["out"] = self.block.mlp_step(f["x1"])
         return f
 
     def with_weight(self, f: dict[str, torch.Tensor], proj: str, weight: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(layer output, projection output) with `proj`'s weight replaced, from the float intermediates `f`."""
         y = F.linear(f[SHARED_INPUT[proj]], weight)
-        if proj in ("q_proj", "k_proj", "v_proj"):
-            qkv = {p: y if p == proj else f[p] for p in ("q_proj", "k_proj", "v_proj")}
-            attention_out = F.linear(self._attend(qkv["q_proj"], qkv["k_proj"], qkv["v_proj"]),
-                                     self.weights["o_proj"])
-            return self._after_attention(f["x"], attention_out), y
-        if proj == "o_proj":
-            return self._after_attention(f["x"], y), y
-        if proj == "down_proj":
+        if proj == "o_proj":  # the residual stream after attention is x + o_proj's output
+            return self.block.mlp_step(f["x"] + y), y
+        if proj == "down_proj":  # and the layer's output x1 + down_proj's
             return f["x1"] + y, y
-        gate, up = (y, f["up_proj"]) if proj == "gate_proj" else (f["gate_proj"], y)
-        return f["x1"] + F.linear(F.silu(gate) * up, self.weights["down_proj"]), y
-
-
-def _hessians(layer: _LayerForward, hidden: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
-    """Sum of x^T x over every calibration position from `first` on, for each distinct projection input (GPTQ)."""
-    sums: dict[str, torch.Tensor] = {}
-    for start in range(0, hidden.shape[0], CHUNK_ROWS):
-        f = layer.float(hidden[start:start + CHUNK_ROWS])
-        for key in set(SHARED_INPUT.values()):
-            x = f[key][:, first:].reshape(-1, f[key].shape[-1]).double()
-            sums[key] = sums.get(key, 0) + x.T @ x
-    return sums
+        with _weight_replaced(self.block.projection(proj), weight):
+            if proj in ATTENTION_PROJECTIONS:
+                return self.block(f["x"], *self._rope_and_mask(f["x"]), None), y
+            return self.block.mlp_step(f["x1"]), y
 
 
 def _measure_heads(checkpoint: Checkpoint, recipe: Recipe, tokens: torch.Tensor, embed: torch.Tensor,
@@ -214,7 +198,7 @@ def _measure_heads(checkpoint: Checkpoint, recipe: Recipe, tokens: torch.Tensor,
     """Embedding output SQNR on the calibration tokens; logits SQNR on up to HEAD_POSITIONS final positions."""
     c, tensors = checkpoint.config, checkpoint.tensors
     bits = recipe.bits_for("embed_tokens")
-    embed_q = _dequantized(_quantize_weight(embed.numpy(), bits, recipe, None))
+    embed_q = dequantized_tensor(quantize_with_recipe(embed.numpy(), bits, recipe, None))
     used = torch.unique(tokens)
     counts = torch.bincount(tokens.reshape(-1), minlength=c.vocab_size)[used].double()
     signal = float((embed[used].double().square().sum(-1) * counts).sum())  # each token as often as it occurs
@@ -228,9 +212,8 @@ def _measure_heads(checkpoint: Checkpoint, recipe: Recipe, tokens: torch.Tensor,
     else:
         name, bits = "lm_head", recipe.bits_for("lm_head")
         head = torch.from_numpy(np.asarray(tensors.get("lm_head"), np.float32))
-        x = normed.double()
-        hessian = x.T @ x if recipe.algorithm == "gptq" else None
-        head_q = _dequantized(_quantize_weight(head.numpy(), bits, recipe, hessian))
+        hessian = gram(normed.double()) if recipe.algorithm == "gptq" else None
+        head_q = dequantized_tensor(quantize_with_recipe(head.numpy(), bits, recipe, hessian))
     signal = noise = 0.0
     for start in range(0, normed.shape[0], 256):
         chunk = normed[start:start + 256]
@@ -259,6 +242,7 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
     length = tokens.shape[1]
     skip = int(sink_token is not None)  # the first measured position
     cos, sin = rope_cos_sin(c, torch.arange(length))
+    mask = causal_mask(torch.arange(length), length, torch.float32)
     embed = torch.from_numpy(np.asarray(tensors.get("embed_tokens"), np.float32))
     hidden = embed[tokens]
     pieces: list[Piece] = []
@@ -267,10 +251,13 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
                disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
         for layer in bar:
-            forward = _LayerForward(_load_block(c, tensors, layer), cos, sin)
-            hessians = _hessians(forward, hidden, skip) if recipe.algorithm == "gptq" else {}
-            quantized = {proj: _dequantized(_quantize_weight(forward.weights[proj].numpy(), BITS, recipe,
-                                                             hessians.get(SHARED_INPUT[proj])))
+            forward = LayerForward(build_block(c, tensors, layer), cos, sin)
+            hessians = {}
+            if recipe.algorithm == "gptq":  # products in float64, as the measure's sums are
+                hessians = layer_hessians(forward.block, hidden, cos, sin, mask, bool(skip), CHUNK_ROWS, torch.float64)
+            factors = FactorCache()
+            quantized = {proj: dequantized_tensor(quantize_with_recipe(forward.weights[proj].numpy(), BITS, recipe,
+                                                                       hessians.get(SHARED_INPUT[proj]), factors))
                          for proj in PROJECTIONS}
             del hessians
             signal, proj_signal = 0.0, dict.fromkeys(PROJECTIONS, 0.0)

@@ -1,0 +1,72 @@
+"""GPTQ's Hessians: the sum of x^T x over the calibration inputs of each projection, and how a layer's
+projections are watched to collect them (quantize_model and sensitivity both do it this way)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ..model.reference import Block
+from .calibration import later_positions
+
+# Projections that read the same input share one Hessian.
+SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+# One projection per input: its input is that input's value.
+INPUT_READER = {key: proj for proj, key in reversed(SHARED_INPUT.items())}
+GRAM_ROWS = 2048  # rows per product
+
+
+def gram(x: Tensor) -> Tensor:
+    """Sum of x^T x over the rows of x [..., d]: products in x's dtype (float32: fast), `GRAM_ROWS` rows at a
+    time, summed in float64."""
+    x = x.reshape(-1, x.shape[-1])
+    total = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
+    for chunk in x.split(GRAM_ROWS):
+        total += (chunk.T @ chunk).double()
+    return total
+
+
+@contextmanager
+def watch_projections(block: Block, watch: Callable[[str, Tensor, Tensor], None]) -> Iterator[None]:
+    """Call watch(projection, input, output) for every projection of `block` it runs inside this block."""
+    def hook(proj: str):
+        return lambda _module, args, output: watch(proj, args[0], output)
+
+    hooks = [block.projection(proj).register_forward_hook(hook(proj)) for proj in SHARED_INPUT]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+class HessianSums:
+    """Hessians (`gram`) of a layer's distinct projection inputs, summed over the forward passes watched
+    (`watch_projections(block, sums)`); with `skip_first`, sequence position 0 (the sink) is left out."""
+
+    def __init__(self, skip_first: bool = False, dtype: torch.dtype = torch.float32):
+        self.skip_first, self.dtype = skip_first, dtype
+        self.sums: dict[str, Tensor] = {}
+
+    def __call__(self, proj: str, x: Tensor, _output: Tensor) -> None:
+        key = SHARED_INPUT[proj]
+        if INPUT_READER[key] != proj:
+            return
+        x = later_positions(x) if self.skip_first else x
+        self.sums[key] = self.sums.get(key, 0) + gram(x.to(self.dtype))
+
+
+def layer_hessians(block: Block, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, skip_first: bool,
+                   chunk_rows: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Hessians of each distinct projection input of `block` over the calibration hidden states `hidden`
+    [rows, length, hidden], run through it `chunk_rows` rows at a time (None: all at once)."""
+    sums = HessianSums(skip_first, dtype)
+    step = chunk_rows or hidden.shape[0]
+    with torch.no_grad(), watch_projections(block, sums):
+        for start in range(0, hidden.shape[0], step):
+            block(hidden[start:start + step], cos, sin, mask, None)
+    return sums.sums
