@@ -19,12 +19,12 @@ from tqdm import tqdm
 from ..attention_sink import AttentionSink
 from ..config import LlamaConfig
 from ..files import folder_lock, make_staging_folder, replace_folder
-from ..loading import Checkpoint
-from ..loading.names import PROJECTIONS
+from ..loading import Checkpoint, TensorSource
+from ..loading.names import NORMS, PROJECTIONS
 from ..memory import release_free_memory
 from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_cos_sin
 from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges
-from .encodings import ActivationEncoding
+from .encodings import ActivationEncoding, quantized_norm_weight
 from .gptq import FactorCache, gptq_quantize
 from .hessian import SHARED_INPUT, gram, layer_hessians
 from .quantized_checkpoint import QuantizedModel, WeightStore, write_meta
@@ -77,6 +77,13 @@ class _SinkPass:
         logits = rms_norm(self.hidden[0, 0], norm, c.rms_norm_eps) @ head.T
         return AttentionSink(self.token, torch.stack(self.keys).reshape(shape).numpy(),
                              torch.stack(self.values).reshape(shape).numpy(), logits.numpy())
+
+
+def _norm_weights(tensors: TensorSource, recipe: Recipe, layer: int | None = None) -> dict[str, np.ndarray]:
+    """The norm weights of `layer` (or the final norm) as the export holds them: 16-bit where their outputs are
+    quantized (`quantized_norm_weight`), so that the quantized layers run here as the simulated model runs them."""
+    names = ["norm"] if layer is None else [f"layers.{layer}.{norm}" for norm in NORMS]
+    return {n: quantized_norm_weight(tensors.get(n)) for n in names if recipe.activation_bits_for(n) is not None}
 
 
 def dequantized_tensor(q: QuantizedWeight) -> torch.Tensor:
@@ -133,7 +140,8 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
                 hessian = hessians.pop(key, None) if proj in _LAST_READER else hessians.get(key)
                 layer_weights[name] = quantize_with_recipe(tensors.get(name), recipe.bits_for(name), recipe, hessian,
                                                            factors)
-            block = build_block(c, tensors, layer, {n: dequantized_tensor(q).numpy() for n, q in layer_weights.items()})
+            weights = {n: dequantized_tensor(q).numpy() for n, q in layer_weights.items()}
+            block = build_block(c, tensors, layer, weights | _norm_weights(tensors, recipe, layer))
             store.add(f"layer_{layer:03d}.safetensors", layer_weights)
             del layer_weights
             block.set_tap(observer, f"layers.{layer}.")
@@ -145,7 +153,8 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
                 sink_pass.run_layer(block, layer, encodings_from_ranges(layer_ranges, recipe.activation_bits_for))
             del block
             release_free_memory()
-        normed = observer("norm", rms_norm(hidden, torch.from_numpy(tensors.get("norm")), c.rms_norm_eps))
+        norm = torch.from_numpy(_norm_weights(tensors, recipe).get("norm", tensors.get("norm")))
+        normed = observer("norm", rms_norm(hidden, norm, c.rms_norm_eps))
         head_weights = {"embed_tokens": embed_q}
         if c.tie_word_embeddings:
             head = embed
@@ -160,7 +169,7 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
         store.add("head.safetensors", head_weights)
         encodings = encodings_from_ranges(observer.ranges, recipe.activation_bits_for)
         info = calibration_info or {"rows": int(calibration.shape[0]), "length": int(calibration.shape[1])}
-        attention_sink = None if sink_pass is None else sink_pass.result(torch.from_numpy(tensors.get("norm")), head)
+        attention_sink = None if sink_pass is None else sink_pass.result(norm, head)
         model = QuantizedModel(c, recipe, store.mapping(), encodings, info, str(checkpoint.path), attention_sink)
         if tmp is None:
             return model
