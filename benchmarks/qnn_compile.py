@@ -2,6 +2,8 @@
 
     python benchmarks/qnn_compile.py [--work DIR] [--soc SM8650] [--skip-7b] [--conv-comparison]
 
+(--skip-7b keeps the 7B part of an earlier results file, dated.)
+
 - default model: `ondevice-llama export` (npu defaults: w4a16 GPTQ block 32, N = 128, C = 1024) once, then
   `ondevice-llama compile` in its own process (wall time and peak RSS from os.wait4), with the simulator's
   per-graph binaries, as the README's commands do;
@@ -168,6 +170,10 @@ def main() -> int:
         report["conv_against_matmul"] = conv_against_matmul(args.work, args.soc)
         for r in report["conv_against_matmul"]:
             print(f"2 layers, {r['projections']:<7}{r['graph']:<18}{r['seconds']:>8.1f} s {r['peak_rss_gb']:>6.2f} GB")
+    if args.skip_7b and args.out.exists():  # keep the 7B part measured by an earlier run, with that run's date
+        earlier = json.loads(args.out.read_text())
+        if "llama2_7b_part" in earlier:
+            report["llama2_7b_part"] = {"date": earlier.get("date")} | earlier["llama2_7b_part"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
