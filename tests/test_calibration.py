@@ -11,9 +11,7 @@ from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.model import build_reference, load_reference
 from ondevice_llama.quantization import calibration
 from ondevice_llama.quantization.calibration import (
-    FakeQuantTap,
     Generation,
-    RangeObserver,
     builtin_sequences,
     generated_sequences,
     handwritten_sequences,
@@ -21,6 +19,7 @@ from ondevice_llama.quantization.calibration import (
     seed_prompt_ids,
 )
 from ondevice_llama.quantization.encodings import ActivationEncoding, is_kv_tap
+from ondevice_llama.quantization.observers import FakeQuantTap, RangeObserver
 from ondevice_llama.quantization.quantize_model import quantize_model
 from ondevice_llama.quantization.quantized_checkpoint import QuantizedSource
 from ondevice_llama.quantization.recipe import Recipe

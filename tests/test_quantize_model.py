@@ -10,8 +10,9 @@ from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.model import build_reference, load_reference
 from ondevice_llama.model.reference import GLOBAL_TAPS, LAYER_TAPS
 from ondevice_llama.quantization import dequantize, quantize_weight
-from ondevice_llama.quantization.calibration import FakeQuantTap, builtin_sequences, pack_sequences, sqnr_db
+from ondevice_llama.quantization.calibration import builtin_sequences, pack_sequences
 from ondevice_llama.quantization.gptq import gptq_quantize
+from ondevice_llama.quantization.observers import FakeQuantTap, sqnr_db
 from ondevice_llama.quantization.quantize_model import quantize_model
 from ondevice_llama.quantization.quantized_checkpoint import QuantizedModel, QuantizedSource
 from ondevice_llama.quantization.recipe import Recipe

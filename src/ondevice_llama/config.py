@@ -52,7 +52,7 @@ class RopeScaling:
                              f"{self.high_freq_factor} and {self.low_freq_factor}")
 
 
-def _number(data: dict[str, Any], key: str, kind: type, default: Any = None, where: str = "") -> Any:
+def read_number(data: dict[str, Any], key: str, kind: type, default: Any = None, where: str = "") -> Any:
     """`data[key]` as an int or float, refusing null, strings, booleans and (for ints) fractions."""
     value = data.get(key, default)
     if value is None and default is None and key not in data:
@@ -88,22 +88,22 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"partial_rotary_factor {params['partial_rotary_factor']} is not supported (only 1.0)")
     where = "rope_parameters."
-    theta = _number(params, "rope_theta", float, hf.get("rope_theta", 10000.0), where)
+    theta = read_number(params, "rope_theta", float, hf.get("rope_theta", 10000.0), where)
     fields: dict[str, Any] = {"rope_type": rope_type}
     if rope_type != "default":
         factor = params.get("factor")
         if factor is None and rope_type == "yarn" and "original_max_position_embeddings" in params:
             # transformers 5: a yarn factor left out is the ratio of the two context lengths
-            factor = _number(hf, "max_position_embeddings", int) / _number(params, "original_max_position_embeddings",
-                                                                           int, where=where)
-        fields["factor"] = _number({"factor": factor}, "factor", float, where=where)
+            factor = read_number(hf, "max_position_embeddings", int) / read_number(
+                params, "original_max_position_embeddings", int, where=where)
+        fields["factor"] = read_number({"factor": factor}, "factor", float, where=where)
     if rope_type in ("llama3", "yarn"):
         original = params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
-        fields["original_max_position_embeddings"] = _number({"o": original}, "o", int, where=where)
+        fields["original_max_position_embeddings"] = read_number({"o": original}, "o", int, where=where)
     for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale",
                 "mscale_all_dim"):
         if key in params and key in _ROPE_KEYS[rope_type]:
-            fields[key] = _number(params, key, float, where=where)
+            fields[key] = read_number(params, key, float, where=where)
     if "truncate" in params:
         if not isinstance(params["truncate"], bool):
             raise ValueError(f"{where}truncate must be true or false, got {params['truncate']!r}")
@@ -158,7 +158,7 @@ class LlamaConfig:
         data = dict(data)
         for f in fields(cls):
             if f.name in data and f.type in ("int", "float"):
-                data[f.name] = _number(data, f.name, int if f.type == "int" else float)
+                data[f.name] = read_number(data, f.name, int if f.type == "int" else float)
         if not isinstance(data.get("tie_word_embeddings", False), bool):
             raise ValueError(f"tie_word_embeddings must be true or false, got {data['tie_word_embeddings']!r}")
         data["rope_scaling"] = RopeScaling(**data.get("rope_scaling", {}))
@@ -170,24 +170,24 @@ class LlamaConfig:
         if not isinstance(hf, dict):
             raise ValueError(f"config must be a JSON object, got {type(hf).__name__}")
         theta, rope = rope_from_hf(hf)
-        heads = _number(hf, "num_attention_heads", int)
+        heads = read_number(hf, "num_attention_heads", int)
         kv_heads = hf.get("num_key_value_heads")
         head_dim = hf.get("head_dim")
         tied = hf.get("tie_word_embeddings", False)
         if not isinstance(tied, bool):
             raise ValueError(f"tie_word_embeddings must be true or false, got {tied!r}")
         return cls(
-            vocab_size=_number(hf, "vocab_size", int),
-            hidden_size=_number(hf, "hidden_size", int),
-            intermediate_size=_number(hf, "intermediate_size", int),
-            num_layers=_number(hf, "num_hidden_layers", int),
+            vocab_size=read_number(hf, "vocab_size", int),
+            hidden_size=read_number(hf, "hidden_size", int),
+            intermediate_size=read_number(hf, "intermediate_size", int),
+            num_layers=read_number(hf, "num_hidden_layers", int),
             num_heads=heads,
-            num_kv_heads=heads if kv_heads is None else _number(hf, "num_key_value_heads", int),
-            head_dim=0 if head_dim is None else _number(hf, "head_dim", int),
-            rms_norm_eps=_number(hf, "rms_norm_eps", float, 1e-6),
+            num_kv_heads=heads if kv_heads is None else read_number(hf, "num_key_value_heads", int),
+            head_dim=0 if head_dim is None else read_number(hf, "head_dim", int),
+            rms_norm_eps=read_number(hf, "rms_norm_eps", float, 1e-6),
             rope_theta=theta,
             rope_scaling=rope,
-            max_position_embeddings=_number(hf, "max_position_embeddings", int, 4096),
+            max_position_embeddings=read_number(hf, "max_position_embeddings", int, 4096),
             tie_word_embeddings=tied,
         )
 

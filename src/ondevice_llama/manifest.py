@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import LlamaConfig, SpecialTokens, _number
+from .config import LlamaConfig, SpecialTokens, read_number
 from .files import FileError, read_json_object, sha256_file, sha256_matches
 
 MANIFEST_FILE = "manifest.json"
@@ -78,9 +78,9 @@ class PartManifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PartManifest:
         graphs = {kind: GraphManifest.from_dict(g) for kind, g in data["graphs"].items()}
-        return cls(_number(data, "index", int), _number(data, "first_layer", int), _number(data, "end_layer", int),
-                   _typed(data, "weights_file", str), _typed(data, "weights_sha256", str), graphs,
-                   _typed(data, "encodings_file", str | None, None))
+        return cls(read_number(data, "index", int), read_number(data, "first_layer", int),
+                   read_number(data, "end_layer", int), _typed(data, "weights_file", str),
+                   _typed(data, "weights_sha256", str), graphs, _typed(data, "encodings_file", str | None, None))
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,8 @@ class Manifest:
             special_tokens=SpecialTokens.from_dict(data["special_tokens"]),
             chat_template=_typed(data, "chat_template", str | None), precision=_typed(data, "precision", str),
             target=_typed(data, "target", str), use_conv=_typed(data, "use_conv", bool),
-            sequence_length=_number(data, "sequence_length", int), context_length=_number(data, "context_length", int),
+            sequence_length=read_number(data, "sequence_length", int),
+            context_length=read_number(data, "context_length", int),
             all_logits=_typed(data, "all_logits", bool), parts=tuple(PartManifest.from_dict(p) for p in data["parts"]),
             tokenizer_file=_typed(data, "tokenizer_file", str, "tokenizer.json"),
             extra=_typed(data, "extra", dict, {}),

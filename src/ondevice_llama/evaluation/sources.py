@@ -51,7 +51,7 @@ def simulated_logits(checkpoint: Checkpoint | Path | str | None, quantized: Quan
     import torch
 
     from ..model import build_reference
-    from ..quantization.calibration import FakeQuantTap
+    from ..quantization.observers import FakeQuantTap
     from ..quantization.quantized_checkpoint import QuantizedSource
 
     if not isinstance(checkpoint, Checkpoint):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..model.reference import Block
-from .calibration import later_positions
+from .observers import later_positions
 
 # Projections that read the same input share one Hessian.
 SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",

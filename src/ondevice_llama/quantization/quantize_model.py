@@ -23,10 +23,10 @@ from ..loading import Checkpoint, TensorSource
 from ..loading.names import NORMS, PROJECTIONS
 from ..memory import release_free_memory
 from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_cos_sin
-from .calibration import FakeQuantTap, RangeObserver, encodings_from_ranges
 from .encodings import ActivationEncoding, quantized_norm_weight
 from .gptq import FactorCache, gptq_quantize
 from .hessian import SHARED_INPUT, gram, layer_hessians
+from .observers import FakeQuantTap, RangeObserver, encodings_from_ranges
 from .quantized_checkpoint import QuantizedModel, WeightStore, write_meta
 from .quantizers import QuantizedWeight, dequantize, quantize_weight
 from .recipe import Recipe
