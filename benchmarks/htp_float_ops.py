@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
 from ondevice_llama import qnn
-from ondevice_llama.quantization.encodings import ActivationEncoding, norm_weight_encoding
+from ondevice_llama.quantization.encodings import ActivationEncoding, norm_weight_encoding, quantized_norm_weight
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N, H, EPS = 128, 576, 1e-5
@@ -131,7 +131,7 @@ def main() -> int:
     inp = ActivationEncoding(16, float(x.min()), float(x.max()))
     out = ActivationEncoding(16, -12.0, 12.0)
     xq = inp.dequantize(inp.quantize(x)).astype(np.float64)
-    wq = norm_weight_encoding(weight).dequantize(norm_weight_encoding(weight).quantize(weight)).astype(np.float64)
+    wq = quantized_norm_weight(weight).astype(np.float64)
     reference = out.quantize(xq / np.sqrt((xq**2).mean(-1, keepdims=True) + EPS) * wq).astype(np.int64)
     soc = qnn.soc_by_name("SM8650")
     rows = []
