@@ -42,7 +42,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     sensitivity.check_block_size(checkpoint, block_size)
     calibration, info = calibration_batch(checkpoint, args.calibration_file)
     report = sensitivity.analyze_sensitivity(checkpoint, calibration, block_size, args.algorithm, args.max_tokens,
-                                             info, progress=not args.quiet, sink_token=info["attention_sink_token"])
+                                             info, progress=not args.quiet, sink_token=info["attention_sink_token"],
+                                             rotation=args.rotation)
     recipe = sensitivity.sensitivity_recipe(report, args.budget)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     recipe.save(args.out)

@@ -53,9 +53,11 @@ def simulated_logits(checkpoint: Checkpoint | Path | str | None, quantized: Quan
     from ..model import build_reference
     from ..quantization.observers import FakeQuantTap
     from ..quantization.quantized_checkpoint import QuantizedSource
+    from ..quantization.rotation import checkpoint_for
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
+    checkpoint = checkpoint_for(checkpoint, quantized.recipe)
     c = checkpoint.config
     model = build_reference(c, QuantizedSource(checkpoint.tensors, quantized), torch.float32)
     model.set_tap(FakeQuantTap(quantized.activations))

@@ -122,6 +122,17 @@ def _export_key(checkpoint: Checkpoint, options: ExportOptions, quantized_folder
                      fingerprint(quantized_folder) if quantized_folder else None)
 
 
+def _float_model(checkpoint: Checkpoint, plan: ExportPlan) -> Checkpoint:
+    """The float model the graphs are built from: the checkpoint, rotated where the quantization rotated it."""
+    if plan.recipe is None:
+        return checkpoint
+    from ..quantization.quantized_checkpoint import QuantizedModel
+    from ..quantization.rotation import checkpoint_for
+
+    recipe = QuantizedModel.load(plan.quantized_folder).recipe if plan.options.quantized else plan.recipe
+    return checkpoint_for(checkpoint, recipe)
+
+
 def _quantization(checkpoint: Checkpoint, plan: ExportPlan, progress: bool) -> tuple[GraphQuantization | None, dict]:
     """What the graphs quantize, and the manifest's record of it."""
     if plan.recipe is None:
@@ -162,6 +173,9 @@ def _export_locked(checkpoint: Checkpoint, out: Path, options: ExportOptions, pr
     if out.exists() and not (out / MANIFEST_FILE).exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not an exported model folder; choose another --out")
     plan = plan_export(checkpoint, options)
+    rotated = _float_model(checkpoint, plan)
+    if rotated is not checkpoint:  # the rotated model's own plan: its LM head is a tensor of its own
+        checkpoint, plan = rotated, plan_export(rotated, options)
     estimate = estimate_plan_memory(plan)
     if check_memory_first:
         check_memory(estimate, plan.options.target, plan.recipe)

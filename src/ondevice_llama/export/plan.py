@@ -22,6 +22,7 @@ from ..quantization.recipe import (
     PRECISIONS,
     TARGET_PRECISIONS,
     Recipe,
+    rotation_option,
 )
 from .cpu_graph import CpuGraphOptions
 from .llama_graph import GraphOptions, PartSpec
@@ -42,6 +43,7 @@ class ExportOptions:
     block_size: int | None = DEFAULT_BLOCK_SIZE  # weight quantization block; None: per output channel (npu target only)
     accuracy_level: int = 4  # cpu target: MatMulNBits compute type (4: int8, fastest; 0: float)
     algorithm: str | None = None  # npu quantized precisions: rtn | gptq (None: the recipe's default)
+    rotation: str | None = None  # npu quantized precisions: hadamard | none (None: the recipe's default)
     recipe: Path | None = None  # a recipe file (e.g. from `analyze`) instead of one built from the precision
     calibration_file: Path | None = None  # text to calibrate on instead of the built-in set
     quantized: Path | None = None  # a quantized checkpoint (from `quantize`) to export instead of quantizing
@@ -98,8 +100,9 @@ def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOption
                                              or config.intermediate_size % options.block_size):
         raise ValueError(f"--block-size: {options.block_size} does not divide the hidden size {config.hidden_size} "
                          f"and the intermediate size {config.intermediate_size}")
-    if options.target == "cpu" and (options.recipe or options.quantized or options.algorithm):
-        raise ValueError("--recipe, --quantized, --algorithm: these apply to the npu target's quantized precisions")
+    if options.target == "cpu" and (options.recipe or options.quantized or options.algorithm or options.rotation):
+        raise ValueError("--recipe, --quantized, --algorithm, --rotation: these apply to the npu target's quantized "
+                         "precisions")
     parts = default_num_parts(config) if options.num_parts is None else options.num_parts
     context = default_context_length(config, options.target) if options.context_length is None \
         else options.context_length
@@ -139,8 +142,8 @@ def export_recipe(options: ExportOptions) -> Recipe | None:
         if recipe.activation_bits != expected:
             raise ValueError(f"{options.recipe}: recipe quantizes activations to {recipe.activation_bits} bits, "
                              f"but --precision {options.precision} means {expected}")
-        return recipe
-    extra = {"algorithm": options.algorithm} if options.algorithm else {}
+        return replace(recipe, **rotation_option(options.rotation))
+    extra = ({"algorithm": options.algorithm} if options.algorithm else {}) | rotation_option(options.rotation)
     return Recipe.from_precision(options.precision, block_size=options.block_size, kv_bits=options.kv_bits, **extra)
 
 

@@ -18,6 +18,7 @@ from .calibration import SEED_PROMPTS, Generation, builtin_sequences, file_seque
 from .quantize_model import quantize_model
 from .quantized_checkpoint import QUANTIZED_VERSION, QuantizedModel
 from .recipe import Recipe
+from .rotation import checkpoint_for
 
 CALIBRATION_LENGTH = 256  # tokens per calibration row
 CALIBRATION_FILE_ROWS = 64  # at most this many rows from --calibration-file
@@ -74,7 +75,9 @@ def prepare_quantized(checkpoint: Checkpoint, recipe: Recipe, calibration_file: 
     """The quantized checkpoint for `recipe`: loaded from `out` (default: the cache) if already made there.
 
     cache: the cache's folder when already worked out (`quantized_cache_folder`, as an export plan has it).
+    A rotating recipe quantizes the rotated model (`rotation.checkpoint_for`); its config is that model's.
     """
+    checkpoint = checkpoint_for(checkpoint, recipe)
     folder = out or cache or quantized_cache_folder(checkpoint, recipe, calibration_file)
     with folder_lock(folder):  # a second process quantizing the same waits, then reuses the result
         return _prepare_locked(checkpoint, recipe, calibration_file, folder, progress, cached=out is None), folder
@@ -106,6 +109,6 @@ def _prepare_locked(checkpoint: Checkpoint, recipe: Recipe, calibration_file: Pa
 def load_quantized(folder: Path, checkpoint: Checkpoint) -> QuantizedModel:
     """A quantized checkpoint given by the user, checked against the checkpoint it will be used with."""
     model = QuantizedModel.load(folder)
-    if model.config != checkpoint.config:
+    if model.config != checkpoint_for(checkpoint, model.recipe).config:
         raise ValueError(f"{folder}: quantized from a model with another configuration than {checkpoint.path}")
     return model

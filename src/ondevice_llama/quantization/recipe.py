@@ -16,6 +16,7 @@ from .encodings import is_kv_tap
 RECIPE_FORMAT = "ondevice-llama-recipe"
 RECIPE_VERSION = 1
 ALGORITHMS = ("rtn", "gptq")
+ROTATIONS = ("hadamard",)  # offline rotations fused into the weights (quantization.rotation); None: none
 HEAD_TENSORS = ("embed_tokens", "lm_head")
 
 # ---------------------------------------------------------------- the precision and block-size vocabulary
@@ -34,6 +35,18 @@ DEFAULT_BLOCK_SIZE = 32
 BLOCK_SIZES_TEXT = ", ".join(map(str, BLOCK_SIZES[:-1])) + f" or {BLOCK_SIZES[-1]}"  # "32, 64 or 128"
 
 
+ROTATION_CHOICES = (*ROTATIONS, "none")  # the command line's --rotation
+
+
+def rotation_option(choice: str | None) -> dict:
+    """Recipe keywords for a --rotation choice: None keeps the recipe's default, "none" turns rotation off."""
+    if choice is None:
+        return {}
+    if choice not in ROTATION_CHOICES:
+        raise ValueError(f"--rotation: choose one of {', '.join(ROTATION_CHOICES)}, got {choice!r}")
+    return {"rotation": None if choice == "none" else choice}
+
+
 @dataclass(frozen=True)
 class Recipe:
     weight_bits: int = 4
@@ -49,6 +62,7 @@ class Recipe:
     damp: float = 0.05
     act_order: bool = True
     clip_search: bool = True
+    rotation: str | None = None  # rotate the residual stream and value heads first (quantization.rotation)
 
     def __post_init__(self) -> None:
         counts = (self.weight_bits, self.head_bits, self.kv_bits, self.block_size or 0, self.activation_bits or 0)
@@ -64,6 +78,8 @@ class Recipe:
             raise ValueError(f"block size must be {BLOCK_SIZES_TEXT} (or per channel), got {self.block_size}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotation!r}; choose one of {ROTATIONS} (or none)")
         if self.activation_bits not in (None, 8, 16) or self.kv_bits not in (8, 16):
             raise ValueError("activation and KV bits must be 8 or 16")
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not 0 <= self.damp < 10:
@@ -83,7 +99,8 @@ class Recipe:
         """E.g. 'w4a16, block 32, gptq, 8-bit head, 3 overrides'."""
         name = f"w{self.weight_bits}" + (f"a{self.activation_bits}" if self.activation_bits else "")
         grouping = f"block {self.block_size}" if self.block_size else "per channel"
-        parts = [name, grouping, self.algorithm, f"{self.head_bits}-bit head"]
+        parts = [name, grouping, self.algorithm + (f" + {self.rotation} rotation" if self.rotation else ""),
+                 f"{self.head_bits}-bit head"]
         if self.kv_bits != 16 and self.activation_bits:
             parts.append(f"{self.kv_bits}-bit KV")
         if self.overrides:

@@ -43,7 +43,8 @@ from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_co
 from .gptq import FactorCache
 from .hessian import SHARED_INPUT, gram, layer_hessians, watch_projections
 from .quantize_model import dequantized_tensor, quantize_with_recipe
-from .recipe import BLOCK_SIZES, BLOCK_SIZES_TEXT, DEFAULT_BLOCK_SIZE, Recipe
+from .recipe import BLOCK_SIZES, BLOCK_SIZES_TEXT, DEFAULT_BLOCK_SIZE, Recipe, rotation_option
+from .rotation import checkpoint_for
 
 BITS = 4
 DEFAULT_BUDGET = 0.1  # at most 10% of the projection parameters at 8 bits
@@ -222,17 +223,19 @@ def _measure_heads(checkpoint: Checkpoint, recipe: Recipe, tokens: torch.Tensor,
 def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block_size: int | None = DEFAULT_BLOCK_SIZE,
                         algorithm: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS,
                         calibration_info: dict | None = None, heads: bool = True, progress: bool = True,
-                        sink_token: int | None = None) -> SensitivityReport:
+                        sink_token: int | None = None, rotation: str | None = None) -> SensitivityReport:
     """4-bit sensitivity of every (layer, projection); calibration: [rows, length] token ids.
 
-    algorithm None: the recipe's default. `max_tokens` (0: all) bounds the calibration tokens measured on;
+    algorithm, rotation None: the recipe's defaults (rotation "none": no rotation). `max_tokens` (0: all)
+    bounds the calibration tokens measured on;
     with GPTQ, the Hessians come from the same tokens. With `sink_token` (every row starts with it),
     position 0 is not measured: quantized exports never run it (ondevice_llama.attention_sink).
     """
     start_time = time.perf_counter()
     check_block_size(checkpoint, block_size)
-    options = {"block_size": block_size} | ({"algorithm": algorithm} if algorithm else {})
+    options = {"block_size": block_size} | ({"algorithm": algorithm} if algorithm else {}) | rotation_option(rotation)
     recipe = Recipe.from_precision("w4a16", **options)
+    checkpoint = checkpoint_for(checkpoint, recipe)  # what the recipe quantizes: rotated, if it rotates
     c, tensors = checkpoint.config, checkpoint.tensors
     tokens = select_rows(calibration, max_tokens)
     length = tokens.shape[1]
