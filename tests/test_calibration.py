@@ -101,8 +101,11 @@ def test_range_observer_leaves_out_position_zero_and_rare_outliers():
     plain("layers.0.mlp_residual", x)
     assert plain.ranges["layers.0.mlp_residual"][1] == 5000.0  # 4 of 12,000 values: more than 1e-5 of them
     big = torch.randn(2, 1000, 200)
-    big[1, 500, 3] = 1e4  # one value in 400,000: a rare second sink, left out
-    observer = RangeObserver()
+    big[1, 500, 3] = 1e4  # one value in 400,000: a rare second sink, kept by default (16-bit activations)...
+    whole = RangeObserver()
+    whole("x", big)
+    assert whole.ranges["x"][1] == 1e4
+    observer = RangeObserver(outlier_fraction=1e-5)  # ...and left out for 8-bit ones
     observer("x", big)
     observer("x", big * 0.5)  # ranges merge over calls
     lo, hi = observer.ranges["x"]
@@ -134,6 +137,7 @@ def test_recorded_sink_is_position_zero_of_the_simulated_model(tiny_checkpoints)
     quantized = quantize_model(checkpoint, Recipe.from_precision("w4a16", block_size=32, algorithm="rtn"),
                                calibration, progress=False, sink_token=sink)
     c = checkpoint.config
+    assert quantized.recipe.rotation is None  # RTN: not rotated, so the checkpoint's own tensors are the model's
     recorded = {}
 
     def tap(name, x):

@@ -16,6 +16,7 @@ from ondevice_llama.quantization.observers import FakeQuantTap, sqnr_db
 from ondevice_llama.quantization.quantize_model import quantize_model
 from ondevice_llama.quantization.quantized_checkpoint import QuantizedModel, QuantizedSource
 from ondevice_llama.quantization.recipe import Recipe
+from ondevice_llama.quantization.rotation import checkpoint_for
 
 
 @pytest.mark.parametrize("block_size", [None, 32])
@@ -50,8 +51,10 @@ def test_quantize_model_end_to_end(tiny_checkpoints, tmp_path):
     calibration = pack_sequences(builtin_sequences(checkpoint, generated=False), 64)
     quantized = quantize_model(checkpoint, Recipe.from_precision("w8a16", block_size=32), calibration,
                                progress=False)
-    c = checkpoint.config
-    assert set(quantized.weights) == {n for n in checkpoint.tensors.names() if n != "norm" and "norm" not in n}
+    rotated = checkpoint_for(checkpoint, quantized.recipe)  # the default recipe rotates: an untied head too
+    c = rotated.config
+    assert set(quantized.weights) == {n for n in rotated.tensors.names() if n != "norm" and "norm" not in n}
+    assert "lm_head" in quantized.weights and quantized.config == c
     taps = {f"layers.{i}.{t}" for i in range(c.num_layers) for t in LAYER_TAPS} | set(GLOBAL_TAPS)
     assert set(quantized.activations) == taps
     quantized.save(tmp_path / "q")
@@ -59,7 +62,7 @@ def test_quantize_model_end_to_end(tiny_checkpoints, tmp_path):
     assert again.activations == quantized.activations and again.recipe == quantized.recipe
     np.testing.assert_array_equal(again.weights["layers.1.q_proj"].codes, quantized.weights["layers.1.q_proj"].codes)
     tokens = torch.randint(0, c.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
-    simulated = build_reference(c, QuantizedSource(checkpoint.tensors, again))
+    simulated = build_reference(c, QuantizedSource(rotated.tensors, again))
     simulated.set_tap(FakeQuantTap(again.activations))
     with torch.no_grad():
         assert sqnr_db(load_reference(checkpoint)(tokens), simulated(tokens)) > 25

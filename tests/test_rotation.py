@@ -83,6 +83,8 @@ def test_rotation_shrinks_4_bit_error_of_a_weight_with_outlier_inputs():
 
 def test_recipes_name_their_rotation():
     assert rotation_option(None) == {} and rotation_option("none") == {"rotation": None}
+    assert Recipe().rotation == "hadamard" and Recipe(algorithm="rtn").rotation is None  # "auto"
+    assert Recipe.from_dict({"weight_bits": 4}).rotation is None  # a recipe saved before rotations
     recipe = Recipe(**rotation_option("hadamard"))
     assert "hadamard rotation" in recipe.describe() and Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ValueError, match="rotation"):

@@ -106,10 +106,10 @@ def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None
 
 
 def _rotation_argument(parser: argparse.ArgumentParser, scope: str = "") -> None:
-    default = Recipe().rotation or "none"
     parser.add_argument("--rotation", choices=ROTATION_CHOICES, default=None,
                         help=f"{scope}an orthogonal rotation fused into the weights before quantizing, for smaller "
-                             f"4-bit errors at no run-time cost: {' or '.join(ROTATION_CHOICES)} (default {default})")
+                             f"4-bit errors at no run-time cost: {' or '.join(ROTATION_CHOICES)} (default: "
+                             f"{Recipe().rotation} with gptq, none with rtn)")
 
 
 def _export_options(args: argparse.Namespace, all_logits: bool = False):

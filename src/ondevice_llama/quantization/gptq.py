@@ -11,6 +11,9 @@ Symmetric codes, per output channel or block-wise along the input dimension. Opt
   the smallest squared rounding error, weighted by the Hessian diagonal (1.0 is on the grid, so this
   never does worse than absmax on that measure).
 - without `act_order`, block scales are chosen when a block starts, from the error-updated weights.
+- `refit_scales`: once the codes are fixed, every row's scales are solved for jointly by least squares on
+  the layer's output error, tr((W - S C) H (W - S C)^T): the scales GPTQ chose before rounding are not the
+  best ones for the codes it ended with.
 """
 
 from __future__ import annotations
@@ -101,14 +104,44 @@ def _inverse_factor(hessian: torch.Tensor, h: torch.Tensor, damp: float, act_ord
     return perm, factor
 
 
+REFIT_ROWS = 256  # rows per least-squares batch in `refit_scales` (bounds its memory)
+
+
+def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, hessian: torch.Tensor,
+                 group: int) -> torch.Tensor:
+    """Per row, the block scales s minimizing (w - C s)^T H (w - C s) for fixed codes (float64 in and out).
+
+    weight, codes [out, in]; scales [out, groups]; hessian [in, in]. A tiny ridge towards the given scales
+    keeps blocks whose codes are all zero (or nearly) where they were; a solution that is not positive and
+    at least a tenth of the given scale is not taken for that block.
+    """
+    out, cols = weight.shape
+    blocks = cols // group
+    h_blocks = hessian.reshape(cols, blocks, group)
+    refit = scales.clone()
+    for begin in range(0, out, REFIT_ROWS):
+        c = codes[begin:begin + REFIT_ROWS].reshape(-1, blocks, group)
+        s0 = scales[begin:begin + REFIT_ROWS]
+        hc = torch.einsum("icj,rcj->ric", h_blocks, c)  # H times each block's codes alone: [rows, in, blocks]
+        system = torch.einsum("rbi,rbic->rbc", c, hc.reshape(-1, blocks, group, blocks))
+        rhs = torch.einsum("rbi,rbi->rb", c, (weight[begin:begin + REFIT_ROWS] @ hessian).reshape(-1, blocks, group))
+        ridge = 1e-6 * torch.diagonal(system, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)[:, None]
+        system = system + torch.diag_embed(ridge.expand(-1, blocks))
+        s = torch.linalg.solve(system, rhs + ridge * s0)
+        refit[begin:begin + REFIT_ROWS] = torch.where((s > 0.1 * s0) & torch.isfinite(s), s, s0)
+    return refit
+
+
 def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_size: int | None,
                   damp: float = 0.01, step: int = 32, act_order: bool = False,
-                  clip_search: bool = False, factors: FactorCache | None = None) -> QuantizedWeight:
+                  clip_search: bool = False, factors: FactorCache | None = None,
+                  refit: bool = False) -> QuantizedWeight:
     """weight [out, in] float32; hessian [in, in] = sum of x^T x over calibration inputs.
 
     damp: fraction of the mean Hessian diagonal added to the diagonal (regularizes a Hessian estimated from
     few positions, pulling GPTQ towards plain rounding). step: columns per lazy batch update (speed only).
     factors: where projections sharing this Hessian tensor share its inverse factor (`FactorCache`).
+    refit: least-squares scales for the final codes (`refit_scales`).
     """
     w = torch.from_numpy(np.asarray(weight, np.float32)).double()
     h = torch.as_tensor(hessian).double().clone()
@@ -152,5 +185,10 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
     codes_np = np.empty((out, cols), np.int8)
     codes_np[:, perm.numpy()] = codes.T
     scales_np = scales_t.T.astype(np.float32)
+    if refit:
+        original = torch.from_numpy(np.asarray(weight, np.float64))
+        original[:, dead] = 0
+        scales_np = refit_scales(original, torch.from_numpy(codes_np).double(), torch.from_numpy(scales_np).double(),
+                                 h, group).numpy().astype(np.float32)
     result = dequantize(codes_np, scales_np, None, group)
     return QuantizedWeight(codes_np, scales_np, None, bits, group, float(np.abs(result - weight).max()))

@@ -26,10 +26,11 @@ from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_co
 from .encodings import ActivationEncoding, quantized_norm_weight
 from .gptq import FactorCache, gptq_quantize
 from .hessian import SHARED_INPUT, gram, layer_hessians
-from .observers import FakeQuantTap, RangeObserver, encodings_from_ranges
+from .observers import OUTLIER_FRACTION_8_BIT, FakeQuantTap, RangeObserver, encodings_from_ranges
 from .quantized_checkpoint import QuantizedModel, WeightStore, write_meta
 from .quantizers import QuantizedWeight, dequantize, quantize_weight
 from .recipe import Recipe
+from .rotation import checkpoint_for
 
 _LAST_READER = ("v_proj", "o_proj", "up_proj", "down_proj")  # after these, their input's Hessian is freed
 
@@ -40,7 +41,7 @@ def quantize_with_recipe(weight: np.ndarray, bits: int, recipe: Recipe, hessian:
     `factors`: shared by the projections of one layer, which share Hessians (`gptq.FactorCache`)."""
     if recipe.algorithm == "gptq" and hessian is not None:
         return gptq_quantize(weight, hessian, bits, recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
-                             clip_search=recipe.clip_search, factors=factors)
+                             clip_search=recipe.clip_search, factors=factors, refit=recipe.refit_scales)
     return quantize_weight(weight, bits, recipe.block_size)
 
 
@@ -103,7 +104,10 @@ def quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.Te
     With `out`, each layer's weights are written there as soon as they are quantized (so memory holds one
     layer, whatever the model size) and the folder becomes a quantized checkpoint that `QuantizedModel.load`
     reads; without it, everything stays in memory.
+
+    A recipe with a rotation quantizes the rotated model (`rotation.checkpoint_for`), whose config it records.
     """
+    checkpoint = checkpoint_for(checkpoint, recipe)
     if out is None:
         return _quantize_model(checkpoint, recipe, calibration, progress, None, calibration_info, sink_token)
     with folder_lock(out):
@@ -119,7 +123,8 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
         store = WeightStore(tmp)
         if sink_token is not None and not bool((calibration[:, 0] == sink_token).all()):
             raise ValueError(f"every calibration row must start with the attention sink token {sink_token}")
-        observer = RangeObserver(skip_first=sink_token is not None)
+        observer = RangeObserver(skip_first=sink_token is not None,
+                                 outlier_fraction=OUTLIER_FRACTION_8_BIT if recipe.activation_bits == 8 else 0.0)
         embed_q = quantize_weight(tensors.get("embed_tokens"), recipe.bits_for("embed_tokens"), recipe.block_size)
         embed = dequantized_tensor(embed_q)
         sink_pass = None if sink_token is None else _SinkPass(c, sink_token, embed[sink_token])
