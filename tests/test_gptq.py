@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ondevice_llama.quantization import dequantize, quantize_weight
-from ondevice_llama.quantization.gptq import CLIP_GRID, gptq_quantize, search_scales
+from ondevice_llama.quantization.gptq import CLIP_GRID, gptq_quantize, refit_scales, search_scales
 from ondevice_llama.quantization.recipe import Recipe
 
 
@@ -111,3 +111,26 @@ def test_recipe_gptq_options_round_trip():
     assert Recipe.from_dict(old) == Recipe()  # recipes saved before these options read with the defaults
     with pytest.raises(ValueError, match="damping"):
         Recipe(damp=-1)
+
+
+def test_refit_scales_lowers_the_output_error_for_the_same_codes():
+    """Least-squares scales for GPTQ's final codes: never a larger tr(E H E^T), the codes unchanged, and a block
+    whose codes are all zero keeps its scale."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 128)) * np.exp(rng.standard_normal(128))
+    w = (rng.standard_normal((48, 128)) * 0.02).astype(np.float32)
+    w[0, :32] = 0  # a block that rounds to all-zero codes
+    hessian = torch.from_numpy(x.T @ x)
+
+    def error(q) -> float:
+        e = dequantize(q.codes, q.scales, None, 32) - w
+        return float(np.einsum("ri,ij,rj->", e, hessian.numpy(), e))
+
+    plain = gptq_quantize(w, hessian, 4, 32, damp=0.05, act_order=True, clip_search=True)
+    refit = gptq_quantize(w, hessian, 4, 32, damp=0.05, act_order=True, clip_search=True, refit=True)
+    np.testing.assert_array_equal(refit.codes, plain.codes)
+    assert error(refit) < 0.99 * error(plain)
+    assert refit.scales[0, 0] == plain.scales[0, 0]
+    scales = refit_scales(torch.from_numpy(w).double(), torch.from_numpy(plain.codes).double(),
+                          torch.from_numpy(plain.scales).double(), hessian, 32)
+    np.testing.assert_allclose(scales.numpy(), refit.scales, rtol=1e-6)
