@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quantization_quality import TEXTS, text_file  # the same two texts (run from benchmarks/)
 
 from ondevice_llama.evaluation import evaluate, float_logits, load_text_tokens, simulated_logits
 from ondevice_llama.loading import open_checkpoint
@@ -57,23 +58,8 @@ from ondevice_llama.quantization.calibration import builtin_sequences, pack_sequ
 from ondevice_llama.quantization.pipeline import attention_sink_token
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TEXTS = {"wikitext": Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw",
-         "python-docs": None}  # None: written from pydoc_data.topics
 CALIBRATION_LENGTH = 256  # tokens per calibration row, as quantization.pipeline packs them
 MASK_VALUE = -100.0
-
-
-def text_file(name: str, folder: Path) -> Path:
-    """The file of text `name` (a TEXTS key, or a path)."""
-    if name not in TEXTS:
-        return Path(name)
-    if TEXTS[name] is not None:
-        return TEXTS[name]
-    import pydoc_data.topics
-
-    path = folder / "python-docs.txt"
-    path.write_text("\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)))
-    return path
 
 
 def tail(error: BaseException, lines: int = 12) -> str:
