@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quantization_quality import TEXTS, text_file  # the same two texts (run from benchmarks/)
+from quantization_quality import TEXTS, add_model_and_text_arguments, plot, text_file, text_result
 
 from ondevice_llama.evaluation import evaluate, float_logits, load_text_tokens, simulated_logits
 from ondevice_llama.loading import open_checkpoint
@@ -280,11 +280,7 @@ def our_rows(checkpoint, calibration, sink, block: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint (default: the default model)")
-    parser.add_argument("--text", action="append", default=None,
-                        help=f"text to score on, repeatable: {' or '.join(TEXTS)}, or a file (default: both)")
-    parser.add_argument("--max-tokens", type=int, default=8192, help="tokens of each text")
-    parser.add_argument("--context-length", type=int, default=512, help="window W (AIMET's graph is [1, W])")
+    add_model_and_text_arguments(parser, "window W (AIMET's graph is [1, W])")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--aimet-weights", choices=("lpbq", "blockwise", "per-channel"), default="lpbq",
                         help="AIMET's int4 backbone weight granularity")
@@ -360,13 +356,7 @@ def main() -> int:
                              "top1_agreement": r.top1_agreement,
                              "quantize_seconds": (sum(s["seconds"] for s in aimet["steps"]) if aimet
                                                   else ours.get(name, {}).get("quantize_seconds"))})
-            results[text] = {"text": str(texts[text]) if TEXTS.get(text) is not None or text not in TEXTS
-                             else "pydoc_data.topics (Python " + platform.python_version() + ")",
-                             "tokens": report.tokens, "windows": report.windows, "context_length": report.window,
-                             "positions": report.positions, "rows": rows}
-            print(f"{checkpoint.name}, {text}: {report.tokens} tokens in {report.windows} windows of "
-                  f"{report.window} (BOS + {report.window - 1} text tokens), {report.positions} positions scored")
-            print(table(rows))
+            results[text] = text_result(checkpoint.name, text, texts[text], report, rows)
     for name, record in aimet_records.items():
         if "error" in record:
             print(f"{name}: AIMET stopped at {record['stopped_at']}: {record['error']}")
@@ -397,43 +387,6 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - matplotlib missing: no plot
             print(f"no plot: {type(e).__name__}: {e}", file=sys.stderr)
     return 0
-
-
-def table(rows: list[dict]) -> str:
-    lines = [f"{'source':40s} {'perplexity':>10s} {'KL to float':>12s} {'top-1 agr.':>10s} {'quantize s':>10s}"]
-    for r in rows:
-        kl = "-" if r["kl_to_float"] is None else f"{r['kl_to_float']:.4f}"
-        top1 = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
-        secs = "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}"
-        lines.append(f"{r['name']:40s} {r['perplexity']:10.2f} {kl:>12s} {top1:>10s} {secs:>10s}")
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, dict], path: Path, title: str) -> None:
-    from ondevice_llama.plotting import require_pyplot
-
-    plt = require_pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4), squeeze=False)
-    for ax, (text, result) in zip(axes[0], results.items(), strict=True):
-        rows = result["rows"]
-        names = [r["name"] for r in rows]
-        colors = ["tab:gray" if n == "float" else "tab:red" if n.startswith("AIMET") else "tab:green"
-                  for n in names]
-        values = [r["perplexity"] for r in rows]
-        bars = ax.barh(names, values, color=colors)
-        for bar, v in zip(bars, values, strict=True):
-            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v:.2f}", va="center", fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("perplexity (lower is better)")
-        ax.set_xlim(0, max(values) * 1.25)
-        ax.set_title(f"{text}: {result['tokens']} tokens, windows of {result['context_length']}", fontsize=9)
-        if ax is not axes[0][0]:
-            ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -70,13 +70,18 @@ def text_file(name: str, folder: Path) -> Path:
     return path
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_and_text_arguments(parser: argparse.ArgumentParser, window_help: str = "window length") -> None:
+    """--model, --text, --max-tokens and --context-length, as every quality benchmark takes them."""
     parser.add_argument("--model", default=None, help="checkpoint (default: the default model)")
     parser.add_argument("--text", action="append", default=None,
                         help=f"text to score on, repeatable: {' or '.join(TEXTS)}, or a file (default: both)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="tokens of each text")
-    parser.add_argument("--context-length", type=int, default=512)
+    parser.add_argument("--context-length", type=int, default=512, help=window_help)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_and_text_arguments(parser)
     parser.add_argument("--block-sizes", default="32", help="comma-separated block sizes besides per-channel")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "quantization_quality.json")
@@ -124,13 +129,7 @@ def main() -> int:
                                "top1_agreement": r.top1_agreement, "gap_closed_percent": gap, "compared_with": rtn,
                                "quantize_seconds": seconds.get(name),
                                "recipe": recipes[name].to_dict() if name in recipes else None})
-        results[text] = {"text": str(texts[text]) if TEXTS.get(text) is not None or text not in TEXTS
-                         else "pydoc_data.topics (Python " + platform.python_version() + ")",
-                         "tokens": report.tokens, "windows": report.windows, "context_length": report.window,
-                         "positions": report.positions, "rows": table_rows}
-        print(f"{checkpoint.name}, {text}: {report.tokens} tokens in {report.windows} windows of {report.window} "
-              f"(BOS + {report.window - 1} text tokens), {report.positions} positions scored")
-        print(table(table_rows))
+        results[text] = text_result(checkpoint.name, text, texts[text], report, table_rows)
     header = (f"{checkpoint.name}, w4a16 weight quantization; calibration {calibration.shape[0]} x "
               f"{calibration.shape[1]} built-in tokens")
     data = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": checkpoint.name,
@@ -145,13 +144,23 @@ def main() -> int:
     return 0
 
 
+def text_result(model: str, text: str, path: Path, report, rows: list[dict]) -> dict:
+    """One text's entry of the JSON (where the text came from, its windows, the rows), its table printed."""
+    source = f"pydoc_data.topics (Python {platform.python_version()})" if TEXTS.get(text, path) is None else str(path)
+    print(f"{model}, {text}: {report.tokens} tokens in {report.windows} windows of {report.window} "
+          f"(BOS + {report.window - 1} text tokens), {report.positions} positions scored")
+    print(table(rows))
+    return {"text": source, "tokens": report.tokens, "windows": report.windows, "context_length": report.window,
+            "positions": report.positions, "rows": rows}
+
+
 def table(results: list[dict]) -> str:
     lines = [f"{'source':34s} {'perplexity':>10s} {'KL to float':>12s} {'top-1 agr.':>10s} {'gap closed':>10s} "
              f"{'quantize s':>10s}"]
     for r in results:
         kl = "-" if r["kl_to_float"] is None else f"{r['kl_to_float']:.4f}"
         top1 = "-" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.1f}%"
-        gap = "-" if r["gap_closed_percent"] is None else f"{r['gap_closed_percent']:.0f}%"
+        gap = "-" if r.get("gap_closed_percent") is None else f"{r['gap_closed_percent']:.0f}%"
         secs = "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}"
         lines.append(f"{r['name']:34s} {r['perplexity']:10.2f} {kl:>12s} {top1:>10s} {gap:>10s} {secs:>10s}")
     return "\n".join(lines)
@@ -166,13 +175,13 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     for ax, (text, result) in zip(axes[0], results.items(), strict=True):
         rows = result["rows"]
         names = [r["name"] for r in rows]
-        colors = ["tab:gray" if n == "float" else "tab:green" if "rotation" in n else "tab:blue" if "GPTQ" in n
-                  else "tab:orange" for n in names]
+        colors = ["tab:gray" if n == "float" else "tab:red" if n.startswith("AIMET") else "tab:green"
+                  if "rotation" in n else "tab:blue" if "GPTQ" in n else "tab:orange" for n in names]
         values = [r["perplexity"] for r in rows]
         bars = ax.barh(names, values, color=colors)
         for bar, r, v in zip(bars, rows, values, strict=True):
             note = f"{v:.2f}" + (f"  ({r['gap_closed_percent']:.0f}% of RTN's gap closed)"
-                                 if r["gap_closed_percent"] is not None else "")
+                                 if r.get("gap_closed_percent") is not None else "")
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + note, va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("perplexity (lower is better)")
