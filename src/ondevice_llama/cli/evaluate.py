@@ -139,9 +139,9 @@ def _checkpoint(args: argparse.Namespace, info: dict[str, Any]) -> tuple[dict[st
     if args.precision is not None:
         from ..evaluation.sources import simulated_logits
         from ..quantization.pipeline import prepare_quantized
-        from ..quantization.recipe import Recipe, rotation_option
+        from ..quantization.recipe import Recipe, method_options
 
-        extra = ({"algorithm": args.algorithm} if args.algorithm else {}) | rotation_option(args.rotation)
+        extra = method_options(args.algorithm, args.rotation)
         recipe = Recipe.from_precision(args.precision, block_size=args.block_size, **extra)
         quantized, folder = prepare_quantized(checkpoint, recipe, args.calibration_file, progress=not args.quiet)
         sources["simulated"] = simulated_logits(checkpoint, quantized)

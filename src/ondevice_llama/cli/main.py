@@ -24,6 +24,7 @@ from ..quantization.recipe import (
     ROTATION_CHOICES,
     TARGET_PRECISIONS,
     Recipe,
+    method_options,
     rotation_option,
 )
 
@@ -286,7 +287,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         recipe = replace(Recipe.load(args.recipe), **rotation_option(args.rotation))
     else:
-        extra = ({"algorithm": args.algorithm} if args.algorithm else {}) | rotation_option(args.rotation)
+        extra = method_options(args.algorithm, args.rotation)
         recipe = Recipe.from_precision(args.precision, block_size=args.block_size, kv_bits=args.kv_bits, **extra)
     if args.out.exists() and not (args.out / "quantization.json").exists() and any(args.out.iterdir()):
         raise FileExistsError(f"{args.out}: exists and is not a quantized checkpoint; choose another --out")

@@ -22,6 +22,7 @@ from ..quantization.recipe import (
     PRECISIONS,
     TARGET_PRECISIONS,
     Recipe,
+    method_options,
     rotation_option,
 )
 from .cpu_graph import CpuGraphOptions
@@ -143,7 +144,7 @@ def export_recipe(options: ExportOptions) -> Recipe | None:
             raise ValueError(f"{options.recipe}: recipe quantizes activations to {recipe.activation_bits} bits, "
                              f"but --precision {options.precision} means {expected}")
         return replace(recipe, **rotation_option(options.rotation))
-    extra = ({"algorithm": options.algorithm} if options.algorithm else {}) | rotation_option(options.rotation)
+    extra = method_options(options.algorithm, options.rotation)
     return Recipe.from_precision(options.precision, block_size=options.block_size, kv_bits=options.kv_bits, **extra)
 
 

@@ -185,10 +185,8 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
     codes_np = np.empty((out, cols), np.int8)
     codes_np[:, perm.numpy()] = codes.T
     scales_np = scales_t.T.astype(np.float32)
-    if refit:
-        original = torch.from_numpy(np.asarray(weight, np.float64))
-        original[:, dead] = 0
-        scales_np = refit_scales(original, torch.from_numpy(codes_np).double(), torch.from_numpy(scales_np).double(),
+    if refit:  # against w: the weight as given, dead columns zeroed (the column loop worked on copies)
+        scales_np = refit_scales(w, torch.from_numpy(codes_np).double(), torch.from_numpy(scales_np).double(),
                                  h, group).numpy().astype(np.float32)
     result = dequantize(codes_np, scales_np, None, group)
     return QuantizedWeight(codes_np, scales_np, None, bits, group, float(np.abs(result - weight).max()))

@@ -47,6 +47,11 @@ def rotation_option(choice: str | None) -> dict:
     return {"rotation": None if choice == "none" else choice}
 
 
+def method_options(algorithm: str | None, rotation: str | None) -> dict:
+    """Recipe keywords for the --algorithm and --rotation choices (None: the recipe's defaults)."""
+    return ({"algorithm": algorithm} if algorithm else {}) | rotation_option(rotation)
+
+
 @dataclass(frozen=True)
 class Recipe:
     weight_bits: int = 4

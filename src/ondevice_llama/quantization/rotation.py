@@ -38,31 +38,30 @@ def _is_prime(n: int) -> bool:
     return n > 1 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
+def _jacobsthal(q: int) -> np.ndarray:
+    """Q[i, j] = chi(j - i) over the prime field GF(q), chi the quadratic character."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = np.array([0] + [1 if i in residues else -1 for i in range(1, q)])
+    return chi[(np.arange(q)[None, :] - np.arange(q)[:, None]) % q]
+
+
 def _paley(order: int) -> np.ndarray | None:
     """A Hadamard matrix of `order` by Paley's constructions over a prime field, or None."""
     q = order - 1
     if _is_prime(q) and q % 4 == 3:  # Paley I: I + S, S the skew conference matrix
-        residues = {(i * i) % q for i in range(1, q)}
-        chi = np.array([0] + [1 if i in residues else -1 for i in range(1, q)])
-        jacobsthal = chi[(np.arange(q)[None, :] - np.arange(q)[:, None]) % q]
         s = np.zeros((order, order), np.int64)
-        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, jacobsthal
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
         return s + np.eye(order, dtype=np.int64)
     q = order // 2 - 1
     if order % 2 == 0 and _is_prime(q) and q % 4 == 1:  # Paley II, from the symmetric conference matrix
-        residues = {(i * i) % q for i in range(1, q)}
-        chi = np.array([0] + [1 if i in residues else -1 for i in range(1, q)])
         c = np.zeros((q + 1, q + 1), np.int64)
-        c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, chi[(np.arange(q)[None, :] - np.arange(q)[:, None]) % q]
+        c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
         return np.kron(c, [[1, 1], [1, -1]]) + np.kron(np.eye(q + 1, dtype=np.int64), [[1, -1], [-1, -1]])
     return None
 
 
 def hadamard(n: int) -> np.ndarray | None:
     """An n x n matrix of +-1 with orthogonal rows (H H^T = n I), or None when none is built here."""
-    power = 1
-    while n % (2 * power) == 0:
-        power *= 2
     for base in sorted({n // p for p in (1, 2, 4, 8, 16, 32, 64) if n % p == 0} | {1}):
         if base == 1:
             h = np.ones((1, 1), np.int64)

@@ -43,7 +43,7 @@ from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_co
 from .gptq import FactorCache
 from .hessian import SHARED_INPUT, gram, layer_hessians, watch_projections
 from .quantize_model import dequantized_tensor, quantize_with_recipe
-from .recipe import BLOCK_SIZES, BLOCK_SIZES_TEXT, DEFAULT_BLOCK_SIZE, Recipe, rotation_option
+from .recipe import BLOCK_SIZES, BLOCK_SIZES_TEXT, DEFAULT_BLOCK_SIZE, Recipe, method_options
 from .rotation import checkpoint_for
 
 BITS = 4
@@ -233,7 +233,7 @@ def analyze_sensitivity(checkpoint: Checkpoint, calibration: torch.Tensor, block
     """
     start_time = time.perf_counter()
     check_block_size(checkpoint, block_size)
-    options = {"block_size": block_size} | ({"algorithm": algorithm} if algorithm else {}) | rotation_option(rotation)
+    options = {"block_size": block_size} | method_options(algorithm, rotation)
     recipe = Recipe.from_precision("w4a16", **options)
     checkpoint = checkpoint_for(checkpoint, recipe)  # what the recipe quantizes: rotated, if it rotates
     c, tensors = checkpoint.config, checkpoint.tensors
