@@ -50,9 +50,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quantization_quality import TEXTS, add_model_and_text_arguments, plot, text_file, text_result
+from quantization_quality import TEXTS, add_model_and_text_arguments, plot, simulated_sources, text_file, text_result
 
-from ondevice_llama.evaluation import evaluate, float_logits, load_text_tokens, simulated_logits
+from ondevice_llama.evaluation import evaluate, float_logits, load_text_tokens
 from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.quantization.calibration import builtin_sequences, pack_sequences
 from ondevice_llama.quantization.pipeline import attention_sink_token
@@ -255,25 +255,14 @@ def run_aimet(float_path: Path, calibration: list[dict], args, with_seq_mse: boo
 
 # --- ours --------------------------------------------------------------------------------------------------------
 
-def our_rows(checkpoint, calibration, sink, block: int):
-    from ondevice_llama.quantization.quantize_model import quantize_model
+def our_recipes(block: int) -> dict:
+    """Our rows: RTN, GPTQ, GPTQ on the rotated model, at `block`."""
     from ondevice_llama.quantization.recipe import Recipe
-    from ondevice_llama.quantization.rotation import checkpoint_for
 
-    recipes = [(f"ours w4a16 RTN block {block}", Recipe.from_precision("w4a16", algorithm="rtn", block_size=block,
-                                                                       rotation=None)),
-               (f"ours w4a16 GPTQ block {block}", Recipe(block_size=block, rotation=None)),
-               (f"ours w4a16 GPTQ + rotation block {block}", Recipe(block_size=block, rotation="hadamard"))]
-    sources, records = {}, {}
-    for name, recipe in recipes:
-        start = time.perf_counter()
-        quantized = quantize_model(checkpoint_for(checkpoint, recipe), recipe, calibration, progress=True,
-                                   sink_token=sink)
-        seconds = time.perf_counter() - start
-        print(f"{name}: quantized in {seconds:.0f} s", file=sys.stderr, flush=True)
-        sources[name] = simulated_logits(checkpoint, quantized)
-        records[name] = {"quantize_seconds": seconds, "recipe": recipe.to_dict()}
-    return sources, records
+    return {f"ours w4a16 RTN block {block}": Recipe.from_precision("w4a16", algorithm="rtn", block_size=block,
+                                                                   rotation=None),
+            f"ours w4a16 GPTQ block {block}": Recipe(block_size=block, rotation=None),
+            f"ours w4a16 GPTQ + rotation block {block}": Recipe(block_size=block, rotation="hadamard")}
 
 
 # --- main --------------------------------------------------------------------------------------------------------
@@ -339,10 +328,9 @@ def main() -> int:
             aimet_records[name] = record
             if source is not None:
                 sources[name] = source
-        ours = {}
-        if not args.skip_ours:
-            our_sources, ours = our_rows(checkpoint, calibration, sink, args.block_size)
-            sources.update(our_sources)
+        recipes = {} if args.skip_ours else our_recipes(args.block_size)
+        our_sources, our_seconds = simulated_sources(checkpoint, recipes, calibration, sink)
+        sources.update(our_sources)
 
         results = {}
         for text, ids in tokens.items():
@@ -355,7 +343,7 @@ def main() -> int:
                 rows.append({"name": name, "perplexity": r.perplexity, "kl_to_float": r.kl_to_reference,
                              "top1_agreement": r.top1_agreement,
                              "quantize_seconds": (sum(s["seconds"] for s in aimet["steps"]) if aimet
-                                                  else ours.get(name, {}).get("quantize_seconds"))})
+                                                  else our_seconds.get(name))})
             results[text] = text_result(checkpoint.name, text, texts[text], report, rows)
     for name, record in aimet_records.items():
         if "error" in record:
@@ -374,7 +362,8 @@ def main() -> int:
                       "activation_type": "int16", "param_type": "int4", "lm_head": "int8 per-channel",
                       "mask_value": MASK_VALUE, "export_check": export_check, "export_error": export_error,
                       "variants": aimet_records},
-            "ours": ours, "seconds": seconds, "total_seconds": time.perf_counter() - run_start,
+            "ours": {n: {"quantize_seconds": our_seconds[n], "recipe": r.to_dict()} for n, r in recipes.items()},
+            "seconds": seconds, "total_seconds": time.perf_counter() - run_start,
             "threads": args.threads, "machine": platform.machine(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(), "texts": results,
             "command": " ".join(["python", *sys.argv])}

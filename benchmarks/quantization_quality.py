@@ -108,15 +108,11 @@ def main() -> int:
     print(f"calibration: {calibration.shape[0]} x {calibration.shape[1]} tokens (built-in set, "
           f"{calibration_seconds:.0f} s to load or generate)", file=sys.stderr)
 
-    sources = {"float": float_logits(checkpoint)}
-    recipes, seconds, compare = {}, {}, {}
-    for name, recipe, rtn in rows(block_sizes):
-        start = time.perf_counter()
-        quantized = quantize_model(checkpoint, recipe, calibration, progress=True, sink_token=sink)
-        seconds[name] = time.perf_counter() - start
-        print(f"{name}: quantized in {seconds[name]:.0f} s", file=sys.stderr)
-        sources[name], recipes[name], compare[name] = simulated_logits(checkpoint, quantized), recipe, rtn
-        del quantized
+    table_spec = rows(block_sizes)
+    recipes = {name: recipe for name, recipe, _ in table_spec}
+    compare = {name: rtn for name, _, rtn in table_spec}
+    quantized_sources, seconds = simulated_sources(checkpoint, recipes, calibration, sink)
+    sources = {"float": float_logits(checkpoint)} | quantized_sources
     results = {}
     for text, ids in tokens.items():
         report = evaluate(sources, ids, args.context_length, reference="float", bos=sink)
@@ -142,6 +138,18 @@ def main() -> int:
     print(f"wrote {args.out}", file=sys.stderr)
     plot(results, args.plot, header)
     return 0
+
+
+def simulated_sources(checkpoint, recipes: dict[str, Recipe], calibration, sink: int | None) -> tuple[dict, dict]:
+    """Each recipe's quantized model as an evaluation source (simulated), and its quantization seconds."""
+    sources, seconds = {}, {}
+    for name, recipe in recipes.items():
+        start = time.perf_counter()
+        quantized = quantize_model(checkpoint, recipe, calibration, progress=True, sink_token=sink)
+        seconds[name] = time.perf_counter() - start
+        print(f"{name}: quantized in {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+        sources[name] = simulated_logits(checkpoint, quantized)
+    return sources, seconds
 
 
 def text_result(model: str, text: str, path: Path, report, rows: list[dict]) -> dict:
