@@ -111,12 +111,13 @@ def test_shared_binary_holds_one_copy_of_the_weights(tmp_path):
 
 
 def test_compiled_folder_runs_on_htp_as_the_export_on_cpu(compiled):
+    """KL 1e-7 here; 7.5e-6 when attention's context MatMul was a 16-bit x 16-bit quantized op on HTP."""
     export, folder = compiled
     on_cpu, on_htp = ExportedModel(export), ExportedModel(folder)
     tokens = [int(t) for t in np.random.default_rng(5).integers(3, TINY.vocab_size, 40)]
     p, q = log_softmax(on_cpu.logits(tokens)), log_softmax(on_htp.logits(tokens))
     kl = float(np.mean(np.sum(np.exp(p) * (p - q), axis=-1)))
-    assert kl < 1e-4 and np.mean(p.argmax(-1) == q.argmax(-1)) >= 0.95
+    assert kl < 1e-6 and np.mean(p.argmax(-1) == q.argmax(-1)) >= 0.975
     assert Generator(on_htp).generate(tokens[:12], max_new_tokens=8).token_ids == \
         Generator(on_cpu).generate(tokens[:12], max_new_tokens=8).token_ids
 

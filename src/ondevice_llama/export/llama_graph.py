@@ -317,6 +317,11 @@ class PartGraphBuilder:
         """
         x ─ q_proj(head) ─ rope ─ MatMul(keys) ─ Mul(1/sqrt(d)) ─ Add(mask) ─ Softmax ─ MatMul(values) ─►
                                                                              [1, n, S + n]      [1, n, d]
+
+        The context is quantized only once the heads are merged (`make_attention`; one encoding, so the values
+        are the same as quantizing each head): QNN HTP's quantized 16-bit x 16-bit MatMul lands up to hundreds
+        of output steps from float, its float16 MatMul about twenty (`benchmarks/htp_float_ops.py`), and a
+        MatMul whose output is not quantized right away runs in float.
         """
         g, d = self.g, self.c.head_dim
         tap = f"layers.{layer}."
@@ -327,7 +332,7 @@ class PartGraphBuilder:
         # Quantized before the mask: the static cache's empty slots stay exactly masked (as in the simulation).
         scores = g.make_add(f"{name}/mask", self.qdq(tap + "scores", scores), mask)
         probs = self.qdq(tap + "probs", g.make_softmax(name, scores))
-        return self.qdq(tap + "context", g.make_matmul(f"{name}/context", probs, values))
+        return g.make_matmul(f"{name}/context", probs, values)
 
     def make_attention(self, layer: int, x: str, cos: str, sin: str, mask: str) -> str:
         g, c = self.g, self.c
@@ -345,8 +350,8 @@ class PartGraphBuilder:
         self._emit_new_kv(layer, new_keys, new_values)
         width = c.num_heads * c.head_dim
         merged = self.stream_from_rows(f"{name}/merge", g.make_concat(f"{name}/merge", contexts, -1), width)
-        # The heads' contexts share one encoding: quantizing them again once merged changes no value, and makes
-        # o_proj a whole QDQ unit (quantized input, weight and output), which QNN HTP needs to take it.
+        # The heads' contexts share one encoding, applied once they are merged: it makes o_proj a whole QDQ unit
+        # (quantized input, weight and output), which QNN HTP needs to take it.
         merged = self.qdq(f"layers.{layer}.context", merged)
         return self.qdq(f"layers.{layer}.o", self.make_projection(f"{name}/o_proj", merged, f"layers.{layer}.o_proj"))
 
