@@ -9,7 +9,10 @@ same quantized inputs: the share one or more (two or more) steps off, and the mo
   SimplifiedLayerNormalization over the weight's 16-bit codes: HTP's quantized RmsNorm, what the export does);
 - RoPE on one head (128 x 64, rotate-half with float cos/sin inputs, as the export does);
 - attention's mask and softmax on one head (128 x 1024 quantized scores, the causal mask added in float, Softmax,
-  16-bit probabilities, as the export does).
+  16-bit probabilities, as the export does);
+- attention's context on two heads (16-bit probabilities [128 x 1024] times 16-bit values [1024 x 64], merged),
+  two ways: "quantized" (each head's MatMul a QDQ unit: HTP's 16-bit x 16-bit quantized MatMul) and "float"
+  (quantized once merged, as the export does: the MatMuls run in float, float16 on HTP).
 
     python benchmarks/htp_float_ops.py        # needs the qnn extra; writes results/htp_float_ops.json
 """
@@ -29,6 +32,7 @@ from ondevice_llama.quantization.encodings import ActivationEncoding, norm_weigh
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N, H, EPS = 128, 576, 1e-5
+KEYS, HEAD_DIM = 1024, 64  # attention: cached + new keys, and a head's width
 PRESCALE = 2.0**-6  # what the export picks for this input's range (RMS_NORM_RANGE 8)
 
 
@@ -105,6 +109,28 @@ def build_softmax(folder: Path, inp: ActivationEncoding, out: ActivationEncoding
     return path
 
 
+def build_context(folder: Path, kind: str, probs: ActivationEncoding, values: ActivationEncoding,
+                  out: ActivationEncoding, heads: int) -> Path:
+    nodes = _qdq("v", "vd", "values")
+    contexts = []
+    for h in range(heads):
+        nodes += _qdq(f"p{h}", f"p{h}d", "probs") + [helper.make_node("MatMul", [f"p{h}d", "vd"], [f"c{h}"])]
+        if kind == "quantized":
+            nodes += _qdq(f"c{h}", f"c{h}d", "out")
+        contexts.append(f"c{h}d" if kind == "quantized" else f"c{h}")
+    nodes += [helper.make_node("Concat", contexts, ["y0"], axis=-1)] + _qdq("y0", "y", "out")[:1]
+    shapes = [(f"p{h}", [1, N, KEYS]) for h in range(heads)] + [("v", [1, KEYS, HEAD_DIM])]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in shapes]
+    graph = helper.make_graph(nodes, "context", inputs, [helper.make_tensor_value_info(
+        "y_q", TensorProto.UINT16, [1, N, HEAD_DIM * heads])], _encoding("probs", probs) + _encoding("values", values) +
+        _encoding("out", out))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = folder / f"context_{kind}.onnx"
+    onnx.save(model, path)
+    return path
+
+
 def score(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, soc) -> list[dict]:
     """Steps off the reference on ONNX Runtime's CPU and on QNN HTP."""
     import onnxruntime as ort
@@ -164,9 +190,21 @@ def main() -> int:
         path = build_softmax(Path(tmp), s_in, probs_out, c)
         rows += [{"graph": "mask + softmax, float"} | r for r in score(
             path, {"x": scores, "mask": np.broadcast_to(mask, (1, 1, N, c)).copy()}, softmax_reference, soc)]
-    print(f"{'graph':22s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s}")
+        probs, values = softmax_reference, rng.standard_normal((1, c, HEAD_DIM)) * np.linspace(0.2, 3, HEAD_DIM)
+        feeds = {f"p{h}": probs_out.dequantize(probs[0, 0] if h == 0 else probs[0, 0, ::-1]).reshape(1, N, c)
+                 for h in range(2)}
+        v_enc = ActivationEncoding(16, float(values.min()), float(values.max()))
+        feeds["v"] = v_enc.dequantize(v_enc.quantize(values))
+        exact = np.concatenate([feeds[f"p{h}"].astype(np.float64) @ feeds["v"].astype(np.float64) for h in range(2)],
+                               -1)
+        c_out = ActivationEncoding(16, float(exact.min()), float(exact.max()))
+        for kind in ("quantized", "float"):
+            path = build_context(Path(tmp), kind, probs_out, v_enc, c_out, 2)
+            rows += [{"graph": f"context MatMul, {kind}"} | r for r in score(
+                path, feeds, c_out.quantize(exact).astype(np.int64), soc)]
+    print(f"{'graph':26s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s}")
     for r in rows:
-        print(f"{r['graph']:22s} {r['backend']:20s} {r['off_by_1_or_more']:9.2%} {r['off_by_2_or_more']:10.2%} "
+        print(f"{r['graph']:26s} {r['backend']:20s} {r['off_by_1_or_more']:9.2%} {r['off_by_2_or_more']:10.2%} "
               f"{r['max_steps_off']:5d}")
     RESULTS.mkdir(exist_ok=True)
     result = {"shape": [1, N, H], "soc": soc.name, "qnn_sdk": qnn.sdk_version(), "rows": rows}
