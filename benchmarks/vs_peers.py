@@ -3,7 +3,10 @@
     python benchmarks/vs_peers.py [--threads 2] [--repetitions 5] [--out benchmarks/results/vs_peers.json]
 
 Engines: (a) ours, the CPU target of the default model exported into a temporary folder (or --model DIR);
-(b) llama.cpp through llama-cpp-python on the same GGUF; (c) transformers float32 (the GGUF dequantized).
+(b) llama.cpp through llama-cpp-python on the same GGUF; (c) ONNX Runtime GenAI (onnxruntime-genai), its model
+built by its own builder (`python -m onnxruntime_genai.models.builder -p int4 -e cpu`) from a Hugging Face folder
+that transformers writes from the same GGUF; (d) transformers float32 (the GGUF dequantized); and llama-bench
+(pp512, tg128 on the same GGUF) when one is on PATH, run once after the rounds.
 Figures: TTFT (prefill from an empty cache + the first greedy token) at 128 and 512 prompt tokens, and decode
 tokens/s over 128 greedy steps after a 128-token prompt. One warm-up round, then --repetitions rounds; in each
 round every engine runs every figure, the engine order rotating from round to round so drift hits all alike.
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,6 +128,70 @@ class Transformers:
             return steps / (time.perf_counter() - start)
 
 
+class OrtGenAI:
+    name = "ORT GenAI"
+
+    def __init__(self, gguf: Path, threads: int, tokens: list[int], work: Path):
+        import onnxruntime_genai as og
+
+        folder = build_ort_genai_model(gguf, work)
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+        self.og, self.model, self.tokens = og, og.Model(config), tokens
+        self.description = (f"onnxruntime-genai {og.__version__}, its builder's int4 CPU model (MatMulNBits, "
+                            f"GroupQueryAttention)")
+
+    def _generator(self, length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=length, do_sample=False)
+        return self.og.Generator(self.model, params)
+
+    def ttft(self, n: int) -> float:
+        generator = self._generator(n + 1)
+        start = time.perf_counter()
+        generator.append_tokens(self.tokens[:n])  # the prefill
+        generator.generate_next_token()  # greedy choice from its logits
+        return time.perf_counter() - start
+
+    def decode(self, prompt: int, steps: int) -> float:
+        generator = self._generator(prompt + steps + 1)
+        generator.append_tokens(self.tokens[:prompt])
+        generator.generate_next_token()
+        start = time.perf_counter()
+        for _ in range(steps):
+            generator.generate_next_token()  # runs the model on the last token, then chooses the next
+        return steps / (time.perf_counter() - start)
+
+
+def build_ort_genai_model(gguf: Path, work: Path) -> Path:
+    """ORT GenAI's own int4 CPU model of the GGUF: transformers writes a Hugging Face folder (the GGUF
+    dequantized), onnxruntime-genai's builder quantizes and exports it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf, out = work / "hf", work / "ort_genai_int4"
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer, model.is_quantized = None, False  # loaded from a GGUF but held in float: saveable
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(hf)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(hf)
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                    "-p", "int4", "-e", "cpu"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def llama_bench(gguf: Path, threads: int, repetitions: int) -> dict | None:
+    """llama.cpp's own benchmark (pp512, tg128) on the GGUF, when a llama-bench binary is on PATH."""
+    binary = shutil.which("llama-bench")
+    if binary is None:
+        return None
+    run = subprocess.run([binary, "-m", str(gguf), "-t", str(threads), "-p", "512", "-n", "128",
+                          "-r", str(repetitions), "-o", "json"], check=True, capture_output=True, text=True)
+    rows = json.loads(run.stdout)
+    return {f"{'pp' if r['n_prompt'] else 'tg'}{r['n_prompt'] or r['n_gen']}_tok_per_s": r["avg_ts"] for r in rows}
+
+
 def cpu_times() -> dict[str, float]:
     """System-wide CPU seconds so far (Linux /proc/stat): busy, idle and steal (taken by the hypervisor)."""
     try:
@@ -140,7 +209,8 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
 
-    names = ("ondevice-llama", "onnxruntime", "llama_cpp_python", "transformers", "torch", "numpy", "gguf")
+    names = ("ondevice-llama", "onnxruntime", "onnxruntime-genai", "llama_cpp_python", "transformers", "torch",
+             "numpy", "gguf")
     out = {"python": platform.python_version()}
     for name in names:
         with contextlib.suppress(md.PackageNotFoundError):
@@ -209,6 +279,11 @@ def table(report: dict) -> str:
     widths = [max(len(r[i]) for r in [head] + rows) + 2 for i in range(len(head))]
     for r in [head] + rows:
         lines.append("".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    bench, speedups = report.get("llama_bench"), report.get("llama_bench_ratios")
+    lines.append("llama-bench: not on PATH" if bench is None else
+                 f"llama-bench: pp512 {bench['pp512_tok_per_s']:.1f} tok/s, "
+                 f"tg128 {bench['tg128_tok_per_s']:.1f} tok/s; "
+                 f"ours over it: prompt {speedups['pp512_speedup']:.2f}x, decode {speedups['tg128_speedup']:.2f}x")
     return "\n".join(lines)
 
 
@@ -246,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "vs_peers.json", help="JSON; the PNG goes beside it")
     parser.add_argument("--model", type=Path, default=None, help="an existing CPU-target export of the same GGUF")
     parser.add_argument("--checkpoint", type=Path, default=None, help="GGUF file (default: the default model)")
-    parser.add_argument("--engines", default="ours,llama.cpp,transformers")
+    parser.add_argument("--engines", default="ours,llama.cpp,ort-genai,transformers")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -276,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         del probe
         classes = {"ours": lambda: Ours(folder, args.threads, tokens),
                    "llama.cpp": lambda: LlamaCpp(gguf, args.threads, tokens),
+                   "ort-genai": lambda: OrtGenAI(gguf, args.threads, tokens, Path(tmp)),
                    "transformers": lambda: Transformers(gguf, args.threads, tokens)}
         engines = {}
         for name in wanted:
@@ -302,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(1)
 
         cpu_after, wall = cpu_times(), time.perf_counter() - wall_before
+        bench = llama_bench(gguf, args.threads, args.repetitions)
     during = {key: round(cpu_after[key] - cpu_before[key], 2) for key in cpu_before} | {"wall_s": round(wall, 1)}
     figures = summarize(raw)
     for name, engine in engines.items():
@@ -314,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                    "interleaving": "every round runs every engine; the engine order rotates by one each round",
                    "ratios": "speedup of ours over the peer, >1 means ours is faster: TTFT theirs/ours, "
                              "decode ours/theirs"},
-        "engines": figures, "ratios": ratios(figures),
+        "engines": figures, "ratios": ratios(figures), "llama_bench": bench,
+        "llama_bench_ratios": None if bench is None else {
+            "pp512_speedup": figures["ours"]["prefill_tok_per_s"]["512"] / bench["pp512_tok_per_s"],
+            "tg128_speedup": figures["ours"]["decode_tok_per_s"] / bench["tg128_tok_per_s"]},
         "machine": machine_info() | {"cpu_during_measurement": during}, "versions": versions(),
     }
     print(table(report))
