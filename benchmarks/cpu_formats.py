@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_formats.json"
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PROMPT = "What is the capital of France?"
 VARIANTS = {  # name -> (what it is, CpuGraphOptions fields)
     "affine4_down_float": ("w4 affine (Q4_1 exact), down_proj in float: the default",
@@ -96,11 +94,10 @@ def decode_speeds(folders: dict[str, Path], threads: int, repetitions: int, work
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cpu_quality import add_text_arguments, write_results
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", type=Path, default=WIKITEXT)
-    parser.add_argument("--max-tokens", type=int, default=2048)
-    parser.add_argument("--context-length", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
+    add_text_arguments(parser)
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--skip-speed", action="store_true", help="perplexity and answers only")
@@ -149,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_tokens": args.max_tokens, "threads": args.threads, "repetitions": args.repetitions,
             "float_perplexity": report["sources"]["float"]["perplexity"], "variants": rows,
             "ort_genai_decode": speeds.get("ort_genai")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_results(args.out, data)
     return 0
 
 

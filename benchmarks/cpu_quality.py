@@ -50,12 +50,23 @@ def ort_genai_logits(folder: Path, threads: int) -> LogitFn:
     return logits
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text, its windows and the thread count (shared with cpu_formats.py)."""
     parser.add_argument("--text", type=Path, default=WIKITEXT)
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--context-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+
+
+def write_results(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_text_arguments(parser)
     parser.add_argument("--model", type=Path, default=None, help="an existing CPU-target export made with --all-logits")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -88,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table())
     data = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gguf": gguf.name,
             "text": str(args.text), "max_tokens": args.max_tokens, "ours": weights} | report.to_dict()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_results(args.out, data)
     return 0
 
 
