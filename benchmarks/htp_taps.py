@@ -51,24 +51,14 @@ def _external(model):
 
 
 def chunk_feeds(export: Path, n: int) -> dict[str, np.ndarray]:
-    """The prompt processor's inputs for the first n tokens of wikitext, as the runtime feeds them."""
-    from ondevice_llama.adapt import layout
-    from ondevice_llama.adapt.mask import chunk_mask
-    from ondevice_llama.adapt.rope import rope_tables
+    """The first prompt processor's inputs for the first n tokens of wikitext, from an empty cache, as the
+    runtime feeds them."""
     from ondevice_llama.runtime import ExportedModel
+    from ondevice_llama.runtime.npu_engine import PROMPT_PROCESSOR
 
     model = ExportedModel(export, threads=1)
-    c, engine = model.config, model.engine
     ids = model.tokenizer.encode(WIKITEXT.read_text(encoding="utf-8")[:20_000]).ids[:n]
-    capacity = layout.past_capacity(model.manifest.context_length, n)
-    cos, sin = rope_tables(c, np.arange(n))
-    shape = layout.rope_input_shape(n, c.head_dim)
-    feeds = {layout.INPUT_IDS: np.array([ids], np.int32), layout.POSITION_COS: cos.reshape(shape),
-             layout.POSITION_SIN: sin.reshape(shape), layout.ATTENTION_MASK: chunk_mask(capacity, n, 0, n)}
-    cache = engine.new_cache()
-    for layer in model.manifest.parts[0].layers:
-        feeds[layout.past_key_name(layer)], feeds[layout.past_value_name(layer)] = cache.past(layer, capacity)
-    return feeds
+    return model.engine.inputs(PROMPT_PROCESSOR, ids, model.new_cache())[0]
 
 
 def main(argv: list[str] | None = None) -> int:

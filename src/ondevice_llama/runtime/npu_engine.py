@@ -47,12 +47,9 @@ class NpuEngine:
     def _graph(self, kind: str, part: int) -> GraphManifest:
         return self.manifest.parts[part].graphs[kind]
 
-    def run_graphs(self, kind: str, tokens: list[int], cache: KVCache) -> np.ndarray:
-        """One step of one graph kind over every part; returns its logits [positions, vocab].
-
-        `tokens` (at most the graph's sequence length) are left-padded; the new K/V of the real tokens
-        go into `cache` at its current length.
-        """
+    def inputs(self, kind: str, tokens: list[int], cache: KVCache) -> list[dict[str, np.ndarray]]:
+        """Each part's graph inputs for one step of `kind` on `tokens` (left-padded to the graph's sequence
+        length) after what `cache` holds; a later part's hidden-state input is left for `run_graphs` to add."""
         c, n = self.config, self._graph(kind, 0).sequence_length
         valid = len(tokens)
         past_len = cache.length
@@ -70,12 +67,27 @@ class NpuEngine:
         rope_shape = layout.rope_input_shape(n, c.head_dim)
         common = {layout.POSITION_COS: cos.reshape(rope_shape), layout.POSITION_SIN: sin.reshape(rope_shape),
                   layout.ATTENTION_MASK: chunk_mask(capacity, n, past_len, valid)}
-        hidden: np.ndarray = ids
-        for part, session in zip(self.manifest.parts, self.sessions[kind], strict=True):
-            feeds = dict(common)
-            feeds[layout.INPUT_IDS if part.first_layer == 0 else layout.hidden_state_name(part.first_layer)] = hidden
+        feeds = []
+        for part in self.manifest.parts:
+            part_feeds = dict(common) | ({layout.INPUT_IDS: ids} if part.first_layer == 0 else {})
             for layer in part.layers:
-                feeds[layout.past_key_name(layer)], feeds[layout.past_value_name(layer)] = cache.past(layer, capacity)
+                part_feeds[layout.past_key_name(layer)], part_feeds[layout.past_value_name(layer)] = \
+                    cache.past(layer, capacity)
+            feeds.append(part_feeds)
+        return feeds
+
+    def run_graphs(self, kind: str, tokens: list[int], cache: KVCache) -> np.ndarray:
+        """One step of one graph kind over every part; returns its logits [positions, vocab].
+
+        `tokens` (at most the graph's sequence length) are left-padded; the new K/V of the real tokens
+        go into `cache` at its current length.
+        """
+        valid = len(tokens)
+        hidden: np.ndarray | None = None
+        parts = zip(self.manifest.parts, self.sessions[kind], self.inputs(kind, tokens, cache), strict=True)
+        for part, session, feeds in parts:
+            if part.first_layer != 0:
+                feeds[layout.hidden_state_name(part.first_layer)] = hidden
             names = [o.name for o in self._graph(kind, part.index).outputs]
             outputs = dict(zip(names, session.run(names, feeds), strict=True))
             for layer in part.layers:
