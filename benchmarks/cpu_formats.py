@@ -18,7 +18,6 @@ import dataclasses
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,7 +68,7 @@ def answer(folder: Path) -> str:
 
 
 def decode_speeds(folders: dict[str, Path], threads: int, repetitions: int, work: Path) -> dict[str, dict]:
-    from vs_peers import DECODE_PROMPT, DECODE_STEPS, SETTLE_S, OrtGenAI, Ours
+    from vs_peers import DECODE_PROMPT, DECODE_STEPS, OrtGenAI, Ours, run_rounds
 
     from ondevice_llama.runtime import ExportedModel
     from ondevice_llama.runtime.bench import draw_tokens, median_spread, special_ids
@@ -80,14 +79,8 @@ def decode_speeds(folders: dict[str, Path], threads: int, repetitions: int, work
     engines = {name: Ours(folder, threads, tokens) for name, folder in folders.items()}
     gguf = Path(probe.manifest.source)
     engines["ort_genai"] = OrtGenAI(gguf, threads, tokens, work)
-    samples: dict[str, list[float]] = {name: [] for name in engines}
-    names = list(engines)
-    for rep in range(repetitions + 1):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            time.sleep(SETTLE_S)
-            speed = engines[name].decode(DECODE_PROMPT, DECODE_STEPS)
-            if rep:
-                samples[name].append(speed)
+    rounds = run_rounds(engines, repetitions, lambda engine: {"decode": engine.decode(DECODE_PROMPT, DECODE_STEPS)})
+    samples = {name: figures["decode"] for name, figures in rounds.items()}
     genai = float(np.median(samples["ort_genai"]))
     return {name: median_spread(values) | {"vs_ort_genai": float(np.median(values)) / genai}
             for name, values in samples.items()}

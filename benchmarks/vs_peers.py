@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -192,6 +193,24 @@ def llama_bench(gguf: Path, threads: int, repetitions: int) -> dict | None:
     return {f"{'pp' if r['n_prompt'] else 'tg'}{r['n_prompt'] or r['n_gen']}_tok_per_s": r["avg_ts"] for r in rows}
 
 
+def run_rounds(engines: dict, repetitions: int, measure: Callable[[object], dict[str, float]],
+               on_engine: Callable[[int, str], None] = lambda rep, name: None) -> dict[str, dict[str, list[float]]]:
+    """One warm-up round, then `repetitions` rounds; every round runs `measure` on every engine, the engine order
+    rotating by one each round so drift hits all alike. Returns each engine's samples per figure (no warm-up).
+    `on_engine(round, name)` runs after each measurement (a progress bar)."""
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
+    names = list(engines)
+    for rep in range(repetitions + 1):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            time.sleep(SETTLE_S)
+            figures = measure(engines[name])
+            if rep:
+                for key, value in figures.items():
+                    samples[name].setdefault(key, []).append(value)
+            on_engine(rep, name)
+    return samples
+
+
 def cpu_times() -> dict[str, float]:
     """System-wide CPU seconds so far (Linux /proc/stat): busy, idle and steal (taken by the hypervisor)."""
     try:
@@ -358,24 +377,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loading {name}", file=sys.stderr)
             engines[name] = classes[name]()
 
-        raw = {name: {**{f"ttft{n}": [] for n in TTFT_LENGTHS}, "decode": []} for name in engines}
         cpu_before, wall_before = cpu_times(), time.perf_counter()
-        names = list(engines)
-        rounds = args.repetitions + 1
-        with tqdm(total=rounds * len(names), desc="vs peers", unit="engine", file=sys.stderr,
+
+        def measure(engine) -> dict[str, float]:
+            return {f"ttft{n}": engine.ttft(n) for n in TTFT_LENGTHS} | {
+                "decode": engine.decode(DECODE_PROMPT, DECODE_STEPS)}
+
+        with tqdm(total=(args.repetitions + 1) * len(engines), desc="vs peers", unit="engine", file=sys.stderr,
                   disable=args.quiet, dynamic_ncols=True) as bar:
-            for rep in range(rounds):
-                order = names[rep % len(names):] + names[:rep % len(names)]
-                for name in order:
-                    bar.set_description("warm-up" if rep == 0 else f"repetition {rep}/{args.repetitions}: {name}")
-                    engine = engines[name]
-                    time.sleep(SETTLE_S)
-                    samples = {f"ttft{n}": engine.ttft(n) for n in TTFT_LENGTHS}
-                    samples["decode"] = engine.decode(DECODE_PROMPT, DECODE_STEPS)
-                    if rep:
-                        for key, value in samples.items():
-                            raw[name][key].append(value)
-                    bar.update(1)
+            def progress(rep: int, name: str) -> None:
+                bar.set_description("warm-up" if rep == 0 else f"repetition {rep}/{args.repetitions}: {name}")
+                bar.update(1)
+
+            raw = run_rounds(engines, args.repetitions, measure, progress)
 
         cpu_after, wall = cpu_times(), time.perf_counter() - wall_before
         bench = llama_bench(gguf, args.threads, args.repetitions)
