@@ -94,12 +94,12 @@ def test_range_observer_leaves_out_position_zero_and_rare_outliers():
     x = torch.linspace(-2, 3, 4 * 50 * 60).reshape(4, 50, 60)
     x[:, 0, 7] = 5000.0  # position 0 of every row: the attention sink's massive activation
     skipping = RangeObserver(skip_first=True)
-    skipping("layers.0.mlp_residual", x)
-    lo, hi = skipping.ranges["layers.0.mlp_residual"]
+    skipping("layers.0.mlp_input", x)
+    lo, hi = skipping.ranges["layers.0.mlp_input"]
     assert lo == pytest.approx(-2, abs=0.05) and hi == pytest.approx(3, abs=0.05)
     plain = RangeObserver()
-    plain("layers.0.mlp_residual", x)
-    assert plain.ranges["layers.0.mlp_residual"][1] == 5000.0  # 4 of 12,000 values: more than 1e-5 of them
+    plain("layers.0.mlp_input", x)
+    assert plain.ranges["layers.0.mlp_input"][1] == 5000.0  # 4 of 12,000 values: more than 1e-5 of them
     big = torch.randn(2, 1000, 200)
     big[1, 500, 3] = 1e4  # one value in 400,000: a rare second sink, kept by default (16-bit activations)...
     whole = RangeObserver()

@@ -162,7 +162,7 @@ def test_massive_first_token_activation_stays_out_of_the_encodings(tiny_checkpoi
     with_sink = quantize_model(checkpoint, recipe, calibration, progress=False, sink_token=first)
     without = quantize_model(checkpoint, recipe, calibration, progress=False)
     for layer in range(checkpoint.config.num_layers):
-        for tap in ("attn_residual", "mlp_residual"):
+        for tap in ("attn_input", "mlp_input"):
             name = f"layers.{layer}.{tap}"
             assert with_sink.activations[name].scale * 200 < without.activations[name].scale
     with_sink.save(tmp_path / "q")

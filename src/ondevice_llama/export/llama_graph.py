@@ -167,14 +167,15 @@ class PartGraphBuilder:
                                   arrange, out_axis, head)
         return self.g.make_conv(name, x, weight) if self.o.use_conv else self.g.make_matmul(name, x, weight)
 
-    def qdq(self, tap: str, x: str) -> str:
-        """Quantize-dequantize activation `x` with the encoding of reference tap `tap`, if it has one."""
+    def qdq(self, tap: str, x: str, name: str | None = None) -> str:
+        """Quantize-dequantize activation `x` with the encoding of reference tap `tap`, if it has one; the nodes
+        are named after x's producer unless `name` says otherwise."""
         encoding = self.encoding(tap)
         if encoding is None:
             return x
         g = self.g
         scale, zero_point = g.constant(encoding.scale, F32), g.constant(encoding.zero_point, encoding.dtype)
-        name = x[:x.rfind("/")] + "/qdq"
+        name = name or x[:x.rfind("/")] + "/qdq"
         if g.encodings is not None:
             g.encodings.add_activation(x, encoding)
         return g.make_dequantize(name, g.make_quantize(name, x, scale, zero_point), scale, zero_point)
@@ -258,6 +259,12 @@ class PartGraphBuilder:
         eps = g.constant(self.c.rms_norm_eps * prescale**2, F32)
         std = g.make_sqrt(name, g.make_add(f"{name}/eps", mean, eps))
         return g.make_mul(f"{name}/weight", g.make_div(name, scaled, std), w)
+
+    def make_read_norm(self, name: str, stream: str, weight: str, input_tap: str) -> str:
+        """The RMSNorm `weight` of the residual stream, its input quantized with `input_tap` and its output with
+        the tap named like the weight (the reference's `rms_norm(tap(input), ...)`)."""
+        x = self.qdq(input_tap, stream, f"{name}/input/qdq")
+        return self.qdq(weight, self.make_rms_norm(name, x, weight, input_tap))
 
     def make_rope(self, name: str, x: str, cos: str, sin: str) -> str:
         """
@@ -379,14 +386,12 @@ class PartGraphBuilder:
     def make_layer(self, layer: int, x: str, cos: str, sin: str, mask: str) -> str:
         g, tap = self.g, f"layers.{layer}."
         name = f"/part{self.part.index}/layers.{layer}"
-        residual_in = "embed" if layer == 0 else f"layers.{layer - 1}.mlp_residual"
-        h = self.qdq(tap + "input_norm", self.make_rms_norm(f"{name}/input_norm", x, f"layers.{layer}.input_norm",
-                                                            residual_in))
-        x = self.qdq(tap + "attn_residual",
-                     g.make_add(f"{name}/attn_residual", x, self.make_attention(layer, h, cos, sin, mask)))
-        h = self.qdq(tap + "post_attention_norm", self.make_rms_norm(
-            f"{name}/post_attention_norm", x, f"layers.{layer}.post_attention_norm", tap + "attn_residual"))
-        x = self.qdq(tap + "mlp_residual", g.make_add(f"{name}/mlp_residual", x, self.make_mlp(layer, h)))
+        # The residual stream stays float (float16 on QNN HTP); each norm quantizes what it reads of it.
+        h = self.make_read_norm(f"{name}/input_norm", x, f"layers.{layer}.input_norm", tap + "attn_input")
+        x = g.make_add(f"{name}/attn_residual", x, self.make_attention(layer, h, cos, sin, mask))
+        h = self.make_read_norm(f"{name}/post_attention_norm", x, f"layers.{layer}.post_attention_norm",
+                                tap + "mlp_input")
+        x = g.make_add(f"{name}/mlp_residual", x, self.make_mlp(layer, h))
         self.t.release()
         self.on_layer()
         return x
@@ -456,8 +461,7 @@ class PartGraphBuilder:
         """Final norm and LM head on every position: Genie reads the last real row of a right-padded chunk."""
         g, c, n = self.g, self.c, self.n
         name = f"/part{self.part.index}/lm_head"
-        h = self.qdq("norm", self.make_rms_norm(f"/part{self.part.index}/norm", x, "norm",
-                                                f"layers.{self.c.num_layers - 1}.mlp_residual"))
+        h = self.make_read_norm(f"/part{self.part.index}/norm", x, "norm", "norm_input")
         w = self._head_weight(name)
         logits = self.qdq("logits", g.make_conv(name, h, w) if self.o.use_conv else g.make_matmul(name, h, w))
         if self.o.use_conv:

@@ -65,9 +65,12 @@ def causal_mask(input_pos: Tensor, keys: int, dtype: torch.dtype) -> Tensor:
 
 
 # Activation taps per layer, in order; the exported graph quantizes the same tensors under the same names.
-LAYER_TAPS = ("input_norm", "q", "k", "v", "v_cache", "q_rope", "k_rope", "scores", "probs", "context", "o",
-              "attn_residual", "post_attention_norm", "gate", "up", "silu", "gate_up", "down", "mlp_residual")
-GLOBAL_TAPS = ("embed", "norm", "logits")
+# The residual stream itself is not one of them: only what each RMSNorm reads of it is ("attn_input", "mlp_input",
+# "norm_input"). Its 16-bit step is coarse (rare massive activations set its range), and quantizing the stream
+# would add that rounding up layer after layer; a norm's input is rounded once, where it is read.
+LAYER_TAPS = ("attn_input", "input_norm", "q", "k", "v", "v_cache", "q_rope", "k_rope", "scores", "probs", "context",
+              "o", "mlp_input", "post_attention_norm", "gate", "up", "silu", "gate_up", "down")
+GLOBAL_TAPS = ("embed", "norm_input", "norm", "logits")
 
 
 class KVCache(nn.Module):
@@ -165,16 +168,16 @@ class Block(nn.Module):
         return self.mlp_step(self.attention_step(x, cos, sin, mask, input_pos))
 
     def attention_step(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None) -> Tensor:
-        """The residual stream after attention: x + attention(input_norm(x))."""
+        """The residual stream after attention: x + attention(input_norm(x)), the stream unquantized."""
         tap, p = self.tap, self.prefix
-        h = tap(p + "input_norm", rms_norm(x, self.input_norm, self.eps))
-        return tap(p + "attn_residual", x + self.attention(h, cos, sin, mask, input_pos))
+        h = tap(p + "input_norm", rms_norm(tap(p + "attn_input", x), self.input_norm, self.eps))
+        return x + self.attention(h, cos, sin, mask, input_pos)
 
     def mlp_step(self, x: Tensor) -> Tensor:
         """The residual stream after the MLP: x + mlp(post_attention_norm(x)), x from `attention_step`."""
         tap, p = self.tap, self.prefix
-        h = tap(p + "post_attention_norm", rms_norm(x, self.post_attention_norm, self.eps))
-        return tap(p + "mlp_residual", x + self.mlp(h))
+        h = tap(p + "post_attention_norm", rms_norm(tap(p + "mlp_input", x), self.post_attention_norm, self.eps))
+        return x + self.mlp(h)
 
 
 class Transformer(nn.Module):
@@ -228,7 +231,8 @@ class Transformer(nn.Module):
         cache_pos = input_pos if self.max_len else None
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_pos)
-        return self.tap("logits", self.lm_head(self.tap("norm", rms_norm(x, self.norm, self.config.rms_norm_eps))))
+        normed = rms_norm(self.tap("norm_input", x), self.norm, self.config.rms_norm_eps)
+        return self.tap("logits", self.lm_head(self.tap("norm", normed)))
 
 
 def _parameter_name(name: str) -> str:

@@ -159,7 +159,7 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
             del block
             release_free_memory()
         norm = torch.from_numpy(_norm_weights(tensors, recipe).get("norm", tensors.get("norm")))
-        normed = observer("norm", rms_norm(hidden, norm, c.rms_norm_eps))
+        normed = observer("norm", rms_norm(observer("norm_input", hidden), norm, c.rms_norm_eps))
         head_weights = {"embed_tokens": embed_q}
         if c.tie_word_embeddings:
             head = embed

@@ -26,8 +26,9 @@ from .quantizers import QuantizedWeight, dequantize, pack_int4, unpack_int4
 from .recipe import Recipe
 
 QUANTIZED_FORMAT = "ondevice-llama-quantized"
-QUANTIZED_VERSION = 6  # 3: the attention sink; 4: its K/V quantized as cache entries; 5: values' own cache tap;
-# 6: 16-bit norm weights where norm outputs are quantized (the sink and encodings computed with them)
+QUANTIZED_VERSION = 7  # 3: the attention sink; 4: its K/V quantized as cache entries; 5: values' own cache tap;
+# 6: 16-bit norm weights where norm outputs are quantized (the sink and encodings computed with them); 7: norm
+# inputs quantized, not the residual stream (taps attn_input, mlp_input, norm_input)
 
 class QuantizedWeights(Mapping[str, QuantizedWeight]):
     """Quantized weights on disk, one safetensors file per layer, read one tensor at a time.
