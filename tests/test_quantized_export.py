@@ -116,6 +116,27 @@ def test_quantized_norms_are_one_op_over_16_bit_weights(tiny_checkpoints, tmp_pa
     np.testing.assert_allclose(restored, weight, rtol=0, atol=norm_weight_encoding(weight).scale / 2 + 1e-7)
 
 
+def test_the_residual_stream_stays_float_and_each_norm_quantizes_its_input(tiny_checkpoints, tmp_path):
+    """The residual adds feed each other in float (float16 on QNN HTP), not through a 16-bit QDQ pair whose coarse
+    step would be added up over the layers; what each RMSNorm reads of the stream goes through its own pair."""
+    checkpoint = open_checkpoint(tiny_checkpoints["mha_untied"])
+    manifest = _export(checkpoint, tmp_path / "m", precision="w4a16", block_size=32, num_parts=2)
+    for part in manifest.parts:
+        graph = onnx.load(tmp_path / "m" / part.graphs["prompt_processor"].file, load_external_data=False)
+        producers = {o: n for n in graph.graph.node for o in n.output}
+        residuals = [n for n in graph.graph.node if n.op_type == "Add" and ("/attn_residual" in n.name
+                                                                            or "/mlp_residual" in n.name)]
+        assert len(residuals) == 2 * len(part.layers)
+        readers = {i: [n for n in graph.graph.node if i in n.input] for n in residuals for i in n.output}
+        for i, add in enumerate(residuals):
+            kinds = sorted(n.op_type for n in readers[add.output[0]])
+            assert kinds.count("QuantizeLinear") <= 1, (add.name, kinds)  # the next norm's input
+            assert i == len(residuals) - 1 or "Add" in kinds, (add.name, kinds)  # the next residual add, in float
+        for norm in (n for n in graph.graph.node if n.op_type == "SimplifiedLayerNormalization"):
+            dequantize = producers[norm.input[0]]
+            assert dequantize.op_type == "DequantizeLinear" and dequantize.name.endswith("/input/qdq/DequantizeLinear")
+
+
 def test_weight_only_and_fp16_precisions(tiny_checkpoints, tmp_path):
     checkpoint = open_checkpoint(tiny_checkpoints["mha_untied"])
     tokens = list(np.random.default_rng(1).integers(0, checkpoint.config.vocab_size, C - 1))  # + the sink: C
