@@ -6,8 +6,9 @@ The checkpoint is a synthetic one with Llama-2-7B-Chat's exact configuration (ra
 time and memory, meaningless for quality); it is written first if missing (`ondevice-llama synthesize`).
 Each export runs in its own process, so its peak RSS (os.wait4's ru_maxrss) is the export's alone; the
 manifest gives the memory check's estimate beside it. For the CPU target, a further process measures the
-time to first token of a 1024-token prompt and decode tokens/s after it. Writes
-benchmarks/results/scale_7b.json.
+time to first token of a 1024-token prompt and decode tokens/s after it, beside what bounds them on this machine:
+its measured memory read rate over the bytes a 4-bit 7B reads per token (every weight at 4.5 bits: 4-bit codes
+and a float16 scale per 32), and its measured float32 GEMM rate. Writes benchmarks/results/scale_7b.json.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +28,7 @@ TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.mo
 EXPORT_ARGS = {"npu": ["--target", "npu", "--precision", "w4a16", "--algorithm", "rtn"],
                "cpu": ["--target", "cpu", "--precision", "w4"]}
 PROMPT = 1024
+BOUND_BITS_PER_WEIGHT = 4.5  # the bandwidth bound's format: 4-bit codes, one float16 scale per 32
 
 SPEED = """
 import json, sys, time
@@ -85,7 +88,58 @@ def measure_target(target: str, checkpoint: Path, work: Path, threads: int, step
         _, runtime_peak, text = run_measured(speed_command)
         speed = json.loads(text.strip().splitlines()[-1])
         entry |= {k: round(v, 3) for k, v in speed.items()} | {"runtime_peak_rss_gb": round(runtime_peak, 2)}
+        entry |= bounds(entry, checkpoint, out, threads)
     return entry
+
+
+def read_bandwidth_gbs(threads: int, gigabytes: float = 2.0) -> float:
+    """Memory read rate in GB/s with `threads` threads: the best of 5 passes taking the maximum of a byte buffer far
+    larger than the caches, split between the threads (a SIMD compare per 32 bytes: the memory, not the core,
+    sets its pace; numpy releases the GIL in the reduction)."""
+    import numpy as np
+
+    data = np.ones(int(gigabytes * 1e9), dtype=np.uint8)
+    chunks = np.array_split(data, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            start = time.perf_counter()
+            list(pool.map(np.max, chunks))
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+def gemm_gflops(size: int = 2048) -> float:
+    """float32 GEMM rate of numpy's BLAS on this machine (all its threads), GFLOP/s: the best of 5."""
+    import numpy as np
+
+    a, b = (np.random.default_rng(0).standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def bounds(entry: dict, checkpoint: Path, out: Path, threads: int) -> dict:
+    """The CPU entry's weight bytes, and what this machine allows: decode at its read rate over a 4.5-bit 7B's
+    bytes, prefill at its GEMM rate."""
+    from ondevice_llama.config import LlamaConfig
+    from ondevice_llama.loading.names import num_parameters
+
+    params = num_parameters(LlamaConfig.from_hf(json.loads((checkpoint / "config.json").read_text())))
+    bandwidth = read_bandwidth_gbs(threads or os.cpu_count() or 1)
+    bound = bandwidth * 1e9 / (params * BOUND_BITS_PER_WEIGHT / 8)
+    weights = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith((".bin", ".data")))
+    gemm = gemm_gflops()
+    result = {"parameters": params, "weights_gb": round(weights / 1e9, 2), "read_bandwidth_gbs": round(bandwidth, 1),
+              "bandwidth_bound_tok_per_s": round(bound, 2), "gemm_gflops": round(gemm, 1),
+              "gemm_bound_ttft_s": round(2 * params * PROMPT / (gemm * 1e9), 1)}
+    if "decode_tok_per_s" in entry:
+        result["decode_share_of_bound"] = round(entry["decode_tok_per_s"] / bound, 3)
+        result["runtime_rss_over_weights"] = round(entry["runtime_peak_rss_gb"] * 1e9 / weights, 2)
+    return result
 
 
 def table(entries: list[dict]) -> str:
@@ -127,6 +181,14 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(table(entries))
+    for e in entries:
+        if "bandwidth_bound_tok_per_s" in e:
+            print(f"cpu: {e['parameters'] / 1e9:.2f}B weights at {BOUND_BITS_PER_WEIGHT} bits over a read rate of "
+                  f"{e['read_bandwidth_gbs']} GB/s: bound {e['bandwidth_bound_tok_per_s']} tok/s; decode "
+                  f"{e['decode_tok_per_s']:.2f} tok/s is {e['decode_share_of_bound']:.0%} of it (goal 60%). Weights "
+                  f"{e['weights_gb']} GB, runtime peak RSS {e['runtime_peak_rss_gb']} GB "
+                  f"({e['runtime_rss_over_weights']}x; goal 1.2x). GEMM {e['gemm_gflops']} GFLOP/s: a {PROMPT}-token "
+                  f"prompt needs at least {e['gemm_bound_ttft_s']} s (TTFT {e[f'ttft_{PROMPT}_s']:.1f} s)")
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
