@@ -125,13 +125,14 @@ def gemm_gflops(size: int = 2048) -> float:
 def bounds(entry: dict, checkpoint: Path, out: Path, threads: int) -> dict:
     """The CPU entry's weight bytes, and what this machine allows: decode at its read rate over a 4.5-bit 7B's
     bytes, prefill at its GEMM rate."""
-    from ondevice_llama.config import LlamaConfig
+    from ondevice_llama.loading import open_checkpoint
     from ondevice_llama.loading.names import num_parameters
+    from ondevice_llama.manifest import load_manifest
 
-    params = num_parameters(LlamaConfig.from_hf(json.loads((checkpoint / "config.json").read_text())))
+    params = num_parameters(open_checkpoint(checkpoint).config)
     bandwidth = read_bandwidth_gbs(threads or os.cpu_count() or 1)
     bound = bandwidth * 1e9 / (params * BOUND_BITS_PER_WEIGHT / 8)
-    weights = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith((".bin", ".data")))
+    weights = sum((out / part.weights_file).stat().st_size for part in load_manifest(out).parts)
     gemm = gemm_gflops()
     result = {"parameters": params, "weights_gb": round(weights / 1e9, 2), "read_bandwidth_gbs": round(bandwidth, 1),
               "bandwidth_bound_tok_per_s": round(bound, 2), "gemm_gflops": round(gemm, 1),
