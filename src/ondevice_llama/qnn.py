@@ -90,6 +90,12 @@ def ep_devices() -> list:
     return devices
 
 
+# Int4 block-quantized weights as LPBQ (QNN's blockwise expansion: integer block scales under a per-channel
+# float scale), which HTP computes in integer arithmetic; QNN rounds the block scales onto that grid, losslessly
+# only where they are on it already (`quantizers.lpbq_scales`).
+LPBQ_OPTIONS = {"enable_block_quant_weight_optimization": "1"}
+
+
 def session_options(soc: Soc, config: dict[str, str] | None = None, provider: dict[str, str] | None = None,
                     log_level: int = 3):
     """Session options for the HTP backend of `soc`, with no node allowed to fall back to the CPU.

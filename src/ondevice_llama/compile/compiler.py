@@ -171,7 +171,15 @@ def _point_at(wrapper: Path, binary: str) -> str:
     return names[0] if names else node.name
 
 
-def _compile_graph(source: str, wrapper: Path, soc: qnn.Soc, share: str | None) -> float:
+def weight_options(manifest: Manifest) -> dict[str, str]:
+    """QNN provider options the export's weights call for. Int4 block scales on the LPBQ grid (the recipe's
+    `block_scale_bits`) are taken as QNN's blockwise expansion, which HTP runs in integer arithmetic; QNN would
+    round free block scales onto that grid, so other exports keep its float16 block path."""
+    recipe = manifest.extra.get("quantization", {}).get("recipe", {})
+    return qnn.LPBQ_OPTIONS if recipe.get("block_scale_bits") else {}
+
+
+def _compile_graph(source: str, wrapper: Path, soc: qnn.Soc, share: str | None, provider: dict[str, str]) -> float:
     """Prepare one graph (`source`: its path, spelled as `graph_names.ranked_path` chose) for the HTP into
     `wrapper` and its context binary; returns seconds taken.
 
@@ -184,7 +192,7 @@ def _compile_graph(source: str, wrapper: Path, soc: qnn.Soc, share: str | None) 
         config["ep.share_ep_contexts"] = "1"
     if share == "close":
         config["ep.stop_share_ep_contexts"] = "1"
-    options = qnn.session_options(soc, config, {"enable_htp_prepare_only": "1"})
+    options = qnn.session_options(soc, config, {"enable_htp_prepare_only": "1"} | provider)
     start = time.perf_counter()
     try:
         ort.InferenceSession(source, sess_options=options)
@@ -194,10 +202,10 @@ def _compile_graph(source: str, wrapper: Path, soc: qnn.Soc, share: str | None) 
 
 
 def _prepare(source: str, wrapper: Path, soc: qnn.Soc, share: str | None, description: str, estimate: float,
-             progress: bool) -> dict[str, Any]:
+             progress: bool, provider: dict[str, str]) -> dict[str, Any]:
     """One graph with a progress bar; returns what the manifest records of it."""
     with PeakRssSampler() as rss, _TimeBar(description, estimate, progress):
-        seconds = _compile_graph(source, wrapper, soc, share)
+        seconds = _compile_graph(source, wrapper, soc, share, provider)
     release_free_memory()
     _check_name(wrapper, source)
     return {"file": wrapper.name, "seconds": round(seconds, 2), "peak_rss_gb": round(rss.peak_bytes / 1e9, 3)}
@@ -223,11 +231,12 @@ def _compile_part(export: Path, staging: Path, manifest: Manifest, part: PartMan
     nodes = {kind: _node_count(export / part.graphs[kind].file) for kind in GRAPH_KINDS}
     weights = (export / part.weights_file).stat().st_size
     estimates = {kind: prepare_estimate(kind, nodes[kind], weights) for kind in GRAPH_KINDS}
+    provider = weight_options(manifest)
     for kind in GRAPH_KINDS:
         description = f"part {part.index + 1}/{parts} {kind.replace('_', ' ')}"
         share = "close" if kind == GRAPH_KINDS[-1] else "open"
         graphs[kind] = _prepare(sources[kind], staging / part.graphs[kind].file, soc, share, description,
-                                estimates[kind], progress) | {"nodes": nodes[kind], "cpu_nodes": 0}
+                                estimates[kind], progress, provider) | {"nodes": nodes[kind], "cpu_nodes": 0}
     written = staging / f"{Path(part.graphs[GRAPH_KINDS[0]].file).stem}_qnn.bin"
     binary = binary_name(part.index, parts)
     written.replace(staging / binary)
@@ -243,7 +252,8 @@ def _compile_part(export: Path, staging: Path, manifest: Manifest, part: PartMan
         for kind in GRAPH_KINDS:
             wrapper = staging / SIMULATOR_FOLDER / part.graphs[kind].file
             description = f"part {part.index + 1}/{parts} {kind.replace('_', ' ')} (simulator)"
-            alone[kind] = _prepare(sources[kind], wrapper, soc, None, description, estimates[kind], progress)
+            alone[kind] = _prepare(sources[kind], wrapper, soc, None, description, estimates[kind], progress,
+                                   provider)
             _context_node(wrapper)
             alone[kind]["binary_bytes"] = wrapper.with_name(f"{wrapper.stem}_qnn.bin").stat().st_size
             files += [f"{SIMULATOR_FOLDER}/{wrapper.name}", f"{SIMULATOR_FOLDER}/{wrapper.stem}_qnn.bin"]

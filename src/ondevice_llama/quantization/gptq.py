@@ -14,6 +14,8 @@ Symmetric codes, per output channel or block-wise along the input dimension. Opt
 - `refit_scales`: once the codes are fixed, every row's scales are solved for jointly by least squares on
   the layer's output error, tr((W - S C) H (W - S C)^T): the scales GPTQ chose before rounding are not the
   best ones for the codes it ended with.
+- `scale_bits`: block scales on the LPBQ grid (`quantizers.lpbq_scales`) before the column loop, so that GPTQ
+  pushes the grid's error onto later columns too; refit scales are put back on it at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .quantizers import QuantizedWeight, dequantize
+from .quantizers import QuantizedWeight, dequantize, lpbq_scales
 
 CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.00, 0.98, ..., 0.50
 
@@ -135,13 +137,14 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
 def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_size: int | None,
                   damp: float = 0.01, step: int = 32, act_order: bool = False,
                   clip_search: bool = False, factors: FactorCache | None = None,
-                  refit: bool = False) -> QuantizedWeight:
+                  refit: bool = False, scale_bits: int | None = None) -> QuantizedWeight:
     """weight [out, in] float32; hessian [in, in] = sum of x^T x over calibration inputs.
 
     damp: fraction of the mean Hessian diagonal added to the diagonal (regularizes a Hessian estimated from
     few positions, pulling GPTQ towards plain rounding). step: columns per lazy batch update (speed only).
     factors: where projections sharing this Hessian tensor share its inverse factor (`FactorCache`).
     refit: least-squares scales for the final codes (`refit_scales`).
+    scale_bits: block scales on the LPBQ grid of that many bits (per channel); None leaves them free.
     """
     w = torch.from_numpy(np.asarray(weight, np.float32)).double()
     h = torch.as_tensor(hessian).double().clone()
@@ -154,8 +157,13 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
     w[:, dead] = 0
     importance = torch.diag(h).clone()
     static = act_order or group == cols
-    scales = (_scales(w, bits, group, clip_search, importance) if static
+    lpbq = scale_bits is not None and group < cols
+    scales = (_scales(w, bits, group, clip_search, importance) if static or lpbq
               else torch.zeros(out, cols // group, dtype=w.dtype))
+    if lpbq:  # the grid's unit per row, from the scales of the weight as given
+        levels = 2**scale_bits
+        grid_unit = scales.max(dim=1).values.numpy() / levels
+        scales = torch.from_numpy(lpbq_scales(scales.numpy(), scale_bits)).double()
     perm, h_inv = _inverse_factor(hessian, h, damp, act_order, factors)
     # The column loop in numpy on the transposed weight (one visited column = one contiguous row): several
     # times faster than torch for these small steps.
@@ -174,7 +182,8 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
                 source = block[i:i + group] if group <= end - col else wt[col:col + group]
                 fresh = _scales(torch.from_numpy(source.T.copy()), bits, group, clip_search,
                                 importance[col:col + group])
-                scales_t[col // group] = fresh[:, 0].numpy()
+                scales_t[col // group] = fresh[:, 0].numpy() if not lpbq else \
+                    np.clip(np.round(fresh[:, 0].numpy() / grid_unit), 1, levels) * grid_unit
             scale = scales_t[group_of[col]]
             q = np.clip(np.round(block[i] / scale), -qmax - 1, qmax)
             codes[col] = q
@@ -188,5 +197,7 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
     if refit:  # against w: the weight as given, dead columns zeroed (the column loop worked on copies)
         scales_np = refit_scales(w, torch.from_numpy(codes_np).double(), torch.from_numpy(scales_np).double(),
                                  h, group).numpy().astype(np.float32)
+    if lpbq:  # refit scales, or a row whose largest block ended below the grid's top: back on the grid
+        scales_np = lpbq_scales(scales_np, scale_bits)
     result = dequantize(codes_np, scales_np, None, group)
     return QuantizedWeight(codes_np, scales_np, None, bits, group, float(np.abs(result - weight).max()))

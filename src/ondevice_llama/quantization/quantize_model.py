@@ -41,8 +41,9 @@ def quantize_with_recipe(weight: np.ndarray, bits: int, recipe: Recipe, hessian:
     `factors`: shared by the projections of one layer, which share Hessians (`gptq.FactorCache`)."""
     if recipe.algorithm == "gptq" and hessian is not None:
         return gptq_quantize(weight, hessian, bits, recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
-                             clip_search=recipe.clip_search, factors=factors, refit=recipe.refit_scales)
-    return quantize_weight(weight, bits, recipe.block_size)
+                             clip_search=recipe.clip_search, factors=factors, refit=recipe.refit_scales,
+                             scale_bits=recipe.scale_bits_for(bits))
+    return quantize_weight(weight, bits, recipe.block_size, scale_bits=recipe.scale_bits_for(bits))
 
 
 class _SinkPass:

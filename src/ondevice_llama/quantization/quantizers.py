@@ -8,6 +8,11 @@ blocks of `block_size`. Three modes, all dequantizing as (code - zero_point) * s
 - asymmetric: unsigned codes in [0, 2^b - 1] with an integer zero point (the range always holds 0);
 - affine: unsigned codes, scale (max - min) / (2^b - 1) and a float zero point -min / scale, i.e.
   w = scale * code + min, exactly GGUF's Q4_1, so a Q4_1 file round-trips losslessly.
+
+Block scales may also be held on the grid of low-power block quantization (LPBQ, QNN's "blockwise expansion"):
+per output channel, one float scale times an unsigned integer of `scale_bits` bits for each block
+(`lpbq_scales`). QNN HTP runs int4 block weights in that form as integer arithmetic; other block scales it
+runs with float16 activations, several 16-bit output steps off (benchmarks/htp_float_ops.py).
 """
 
 from __future__ import annotations
@@ -61,6 +66,14 @@ def choose_qparams(w: np.ndarray, bits: int, group_size: int, mode: str = "symme
     return scales, zero_points
 
 
+def lpbq_scales(scales: np.ndarray, scale_bits: int) -> np.ndarray:
+    """Block scales [out, groups] on the LPBQ grid: per row, the largest / 2^scale_bits times the nearest
+    integer in [1, 2^scale_bits] (the largest stays exact). QNN derives the same per-channel scale."""
+    levels = 2**scale_bits
+    top = np.asarray(scales, np.float64).max(axis=-1, keepdims=True) / levels
+    return (np.clip(np.round(scales / top), 1, levels) * top).astype(np.float32)
+
+
 def quantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, group_size: int
              ) -> np.ndarray:
     """Round to nearest and clamp to the code range."""
@@ -80,11 +93,14 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | 
     return (g * scales[..., None]).reshape(codes.shape).astype(np.float32)
 
 
-def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None, mode: str = "symmetric"
-                    ) -> QuantizedWeight:
-    """Round-to-nearest quantization of a [out, in] weight; `block_size` None means per output channel."""
+def quantize_weight(w: np.ndarray, bits: int, block_size: int | None = None, mode: str = "symmetric",
+                    scale_bits: int | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of a [out, in] weight; `block_size` None means per output channel;
+    `scale_bits`: symmetric block scales on the LPBQ grid (`lpbq_scales`)."""
     group = block_size or w.shape[1]
     scales, zero_points = choose_qparams(w, bits, group, mode)
+    if scale_bits is not None and block_size is not None and mode == "symmetric":
+        scales = lpbq_scales(scales, scale_bits)
     codes = quantize(w, scales, zero_points, bits, group)
     error = float(np.abs(dequantize(codes, scales, zero_points, group) - w).max())
     return QuantizedWeight(codes, scales, zero_points, bits, group, error)

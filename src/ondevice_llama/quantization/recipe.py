@@ -32,6 +32,7 @@ DEFAULT_PRECISION = {"npu": "w4a16", "cpu": "w4"}
 # Weight quantization blocks (inputs per scale); None (0 on the command line) is per output channel.
 BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 32
+LPBQ_SCALE_BITS = 4  # QNN's blockwise expansion: 4-bit integer block scales under a per-channel float scale
 BLOCK_SIZES_TEXT = ", ".join(map(str, BLOCK_SIZES[:-1])) + f" or {BLOCK_SIZES[-1]}"  # "32, 64 or 128"
 
 
@@ -74,6 +75,9 @@ class Recipe:
     # helps (default model, block 32: perplexity 36.42 -> 34.65), not with RTN, which it hurts there (43.40 ->
     # 61.41: that model's float weights are Q4_1 codes, whose grid rotation throws away).
     rotation: str | None = "auto"
+    # int4 block scales on the LPBQ grid of this many bits (quantizers.lpbq_scales), the form QNN HTP runs as
+    # integer arithmetic. "auto": 4 for activation-quantized (NPU) recipes with blocks, else free scales.
+    block_scale_bits: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         counts = (self.weight_bits, self.head_bits, self.kv_bits, self.block_size or 0, self.activation_bits or 0)
@@ -92,6 +96,11 @@ class Recipe:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
         if self.rotation == "auto":
             object.__setattr__(self, "rotation", "hadamard" if self.algorithm == "gptq" else None)
+        if self.block_scale_bits == "auto":
+            lpbq = self.activation_bits is not None and self.block_size is not None
+            object.__setattr__(self, "block_scale_bits", LPBQ_SCALE_BITS if lpbq else None)
+        if self.block_scale_bits not in (None, LPBQ_SCALE_BITS):
+            raise ValueError(f"block scale bits must be {LPBQ_SCALE_BITS} (LPBQ) or none, got {self.block_scale_bits}")
         if self.rotation is not None and self.rotation not in ROTATIONS:
             raise ValueError(f"unknown rotation {self.rotation!r}; choose one of {ROTATIONS} (or none)")
         if self.activation_bits not in (None, 8, 16) or self.kv_bits not in (8, 16):
@@ -103,6 +112,10 @@ class Recipe:
         if tensor in self.overrides:
             return self.overrides[tensor]
         return self.head_bits if tensor in HEAD_TENSORS else self.weight_bits
+
+    def scale_bits_for(self, bits: int) -> int | None:
+        """The LPBQ scale bits for a weight quantized at `bits` (QNN HTP takes LPBQ for int4 only)."""
+        return self.block_scale_bits if bits == 4 else None
 
     def activation_bits_for(self, tap: str) -> int | None:
         if self.activation_bits is None:
@@ -119,6 +132,8 @@ class Recipe:
             parts.append(f"{self.kv_bits}-bit KV")
         if self.overrides:
             parts.append(f"{len(self.overrides)} overrides")
+        if self.block_scale_bits:
+            parts.append("LPBQ block scales")
         return ", ".join(parts)
 
     @classmethod
@@ -136,10 +151,10 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
-        """A saved recipe; one written before rotations and scale refits existed did neither, whatever today's
-        defaults."""
+        """A saved recipe; one written before rotations, scale refits and LPBQ existed did none of them, whatever
+        today's defaults."""
         saved = {k: v for k, v in data.items() if k not in ("format", "format_version")}
-        return cls(**{"rotation": None, "refit_scales": False} | saved)
+        return cls(**{"rotation": None, "refit_scales": False, "block_scale_bits": None} | saved)
 
     @classmethod
     def load(cls, path: Path | str) -> Recipe:
