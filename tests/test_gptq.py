@@ -134,3 +134,41 @@ def test_refit_scales_lowers_the_output_error_for_the_same_codes():
     scales = refit_scales(torch.from_numpy(w).double(), torch.from_numpy(plain.codes).double(),
                           torch.from_numpy(plain.scales).double(), hessian, 32)
     np.testing.assert_allclose(scales.numpy(), refit.scales, rtol=1e-6)
+
+
+def _on_lpbq_grid(scales: np.ndarray) -> bool:
+    """Per row: the largest scale / 16 times an integer 1..16, the largest itself at 16 (what QNN derives)."""
+    multiples = scales / (scales.max(axis=1, keepdims=True) / 16)
+    return bool(np.allclose(multiples, np.round(multiples), atol=1e-4) and multiples.min() >= 1 - 1e-6
+                and np.allclose(multiples.max(axis=1), 16))
+
+
+@pytest.mark.parametrize("act_order, refit", [(True, True), (True, False), (False, False)])
+def test_lpbq_gptq_scales_stay_on_the_grid(act_order, refit):
+    """GPTQ with 4-bit block scales: every row's scales on the LPBQ grid (after the refit too), at a small cost in
+    output error against free scales, and still well below round to nearest on the same grid."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((48, 128)).astype(np.float32)
+    x = _correlated_inputs(rng, 1024, 128)
+    h = x.T @ x
+    options = dict(damp=0.05, act_order=act_order, clip_search=True, refit=refit)
+    lpbq = gptq_quantize(w, torch.from_numpy(h), 4, 32, scale_bits=4, **options)
+    free = gptq_quantize(w, torch.from_numpy(h), 4, 32, **options)
+    assert _on_lpbq_grid(lpbq.scales) and not _on_lpbq_grid(free.scales)
+    rtn = _hessian_error(w, quantize_weight(w, 4, 32, scale_bits=4), h)
+    assert _hessian_error(w, free, h) < _hessian_error(w, lpbq, h) < min(1.3 * _hessian_error(w, free, h), 0.7 * rtn)
+
+
+def test_recipe_lpbq_for_npu_block_recipes_only():
+    """'auto' block scale bits: LPBQ for activation-quantized recipes with blocks (what compile hands QNN as
+    such); free scales per channel, for the CPU's weight-only precisions and for recipes saved before LPBQ."""
+    assert Recipe.from_precision("w4a16", block_size=32).block_scale_bits == 4
+    assert "LPBQ" in Recipe.from_precision("w4a16", block_size=32).describe()
+    assert Recipe.from_precision("w4a16", block_size=None).block_scale_bits is None
+    assert Recipe.from_precision("w4", block_size=32).block_scale_bits is None
+    recipe = Recipe.from_precision("w4a16", block_size=32)
+    assert recipe.scale_bits_for(4) == 4 and recipe.scale_bits_for(8) is None
+    saved = {k: v for k, v in recipe.to_dict().items() if k != "block_scale_bits"}
+    assert Recipe.from_dict(saved).block_scale_bits is None and Recipe.from_dict(recipe.to_dict()) == recipe
+    with pytest.raises(ValueError, match="block scale bits"):
+        Recipe(block_size=32, block_scale_bits=3)

@@ -13,7 +13,7 @@ import pytest
 
 from ondevice_llama import qnn
 from ondevice_llama.cli.main import main
-from ondevice_llama.compile import compile_export, graph_names
+from ondevice_llama.compile import compile_export, graph_names, weight_options
 from ondevice_llama.config import LlamaConfig
 from ondevice_llama.evaluation.metrics import log_softmax
 from ondevice_llama.export import ExportOptions, export_model
@@ -65,10 +65,60 @@ def test_every_graph_runs_whole_on_htp(tiny, tmp_path, precision):
     """Each part's prompt processor and token generator, with CPU fallback disabled: a node left for the CPU fails."""
     export = _export(tiny, tmp_path / precision, **QUANTIZED[precision])
     manifest = load_manifest(export)
-    options = qnn.session_options(qnn.soc_by_name("SM8650"))
+    options = qnn.session_options(qnn.soc_by_name("SM8650"), provider=weight_options(manifest))
     for part in manifest.parts:
         for graph in part.graphs.values():
             ort.InferenceSession(str(export / graph.file), sess_options=options)
+
+
+def _block_matmul(path: Path, scales: np.ndarray, codes: np.ndarray, x_encoding, y_encoding) -> Path:
+    """uint16 x ─ DequantizeLinear ─ MatMul(int4 codes [K, M] in blocks of 32 along K) ─ QuantizeLinear ─ uint16 y."""
+    from onnx import TensorProto, helper
+    from onnx import numpy_helper as nh
+
+    k, m = codes.shape
+    inits = [helper.make_tensor("w", TensorProto.INT4, [k, m], codes.flatten().tolist()), nh.from_array(scales, "ws")]
+    for name, e in (("x", x_encoding), ("y", y_encoding)):
+        inits += [nh.from_array(np.array(e.scale, np.float32), f"{name}_s"),
+                  nh.from_array(np.array(e.zero_point, np.uint16), f"{name}_z")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "x_s", "x_z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=0, block_size=32),
+             helper.make_node("MatMul", ["xd", "wd"], ["yf"]),
+             helper.make_node("QuantizeLinear", ["yf", "y_s", "y_z"], ["y"])]
+    graph = helper.make_graph(nodes, "block_matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.UINT16, [1, 16, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT16, [1, 16, m])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+def test_lpbq_block_scales_make_htp_exact(tmp_path):
+    """A 16-bit x int4 block-32 MatMul: with block scales on the LPBQ grid and `weight_options`' provider option,
+    HTP lands within one output step of float64; with free scales it runs on float16 activations, further off."""
+    from ondevice_llama.quantization.encodings import ActivationEncoding
+    from ondevice_llama.quantization.quantizers import lpbq_scales, quantize_weight
+
+    rng = np.random.default_rng(0)
+    k, m = 256, 64
+    x = rng.standard_normal((1, 16, k))
+    x_encoding = ActivationEncoding(16, float(x.min()), float(x.max()))
+    codes_in = x_encoding.quantize(x).astype(np.uint16)
+    xd = x_encoding.dequantize(codes_in).astype(np.float64)
+    steps = {}
+    for lpbq in (True, False):
+        weight = rng.standard_normal((m, k)).astype(np.float32) * 0.05
+        q = quantize_weight(weight, 4, 32, scale_bits=4 if lpbq else None)
+        assert np.array_equal(lpbq_scales(q.scales, 4), q.scales) == lpbq
+        exact = xd @ (q.codes.astype(np.float64) * np.repeat(q.scales.astype(np.float64), 32, axis=1)).T
+        y_encoding = ActivationEncoding(16, float(exact.min()), float(exact.max()))
+        path = _block_matmul(tmp_path / f"lpbq_{lpbq}.onnx", np.ascontiguousarray(q.scales.T), q.codes.T, x_encoding,
+                             y_encoding)
+        options = qnn.session_options(qnn.soc_by_name("SM8650"), provider=qnn.LPBQ_OPTIONS if lpbq else None)
+        y = ort.InferenceSession(str(path), sess_options=options).run(None, {"x": codes_in})[0]
+        steps[lpbq] = int(np.abs(y.astype(np.int64) - y_encoding.quantize(exact).astype(np.int64)).max())
+    assert steps[True] <= 1 < 4 <= steps[False], steps
 
 
 def test_a_cpu_node_is_refused(tmp_path):

@@ -68,3 +68,16 @@ def test_gguf_blocks_round_trip_losslessly(gguf_type, bits, mode):
     again = dequantize(q.codes, q.scales, q.zero_points, 32)
     np.testing.assert_allclose(again, from_gguf, rtol=0, atol=1e-6 * np.abs(from_gguf).max())
     assert not np.allclose(from_gguf, w, atol=1e-3)  # the test data really was quantized by GGUF
+
+
+def test_lpbq_scales_hand_computed():
+    """Per row: the largest / 16 times the nearest integer in [1, 16]; the largest stays exact."""
+    from ondevice_llama.quantization.quantizers import lpbq_scales
+
+    scales = np.array([[16.0, 8.4, 3.6, 0.01], [2.0, 1.0, 0.5, 0.24]], np.float32)
+    np.testing.assert_allclose(lpbq_scales(scales, 4), [[16, 8, 4, 1], [2, 1, 0.5, 0.25]], rtol=1e-6)
+    w = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
+    free, snapped = quantize_weight(w, 4, 32), quantize_weight(w, 4, 32, scale_bits=4)
+    np.testing.assert_array_equal(snapped.scales, lpbq_scales(free.scales, 4))
+    assert snapped.codes.min() >= -8 and snapped.codes.max() <= 7
+    assert quantize_weight(w, 4, None, scale_bits=4).scales.shape == (8, 1)  # per channel: nothing to put on a grid
