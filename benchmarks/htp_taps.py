@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     from ondevice_llama import qnn
+    from ondevice_llama.compile import weight_options
     from ondevice_llama.evaluation.metrics import log_softmax
+    from ondevice_llama.manifest import load_manifest
     from ondevice_llama.runtime.exported_model import session_options
 
     layers = [int(x) for x in args.layers.split(",")]
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         cpu = dict(zip(names, ort.InferenceSession(str(path), session_options(), providers=[
             "CPUExecutionProvider"]).run(names, feeds), strict=True))
         print("preparing the graph on QNN HTP (minutes)", file=sys.stderr)
-        htp_session = ort.InferenceSession(str(path), sess_options=qnn.session_options(qnn.soc_by_name(args.soc)))
+        provider = weight_options(load_manifest(args.export))  # as compile prepares it (LPBQ weights)
+        htp_session = ort.InferenceSession(str(path), sess_options=qnn.session_options(qnn.soc_by_name(args.soc),
+                                                                                       provider=provider))
         htp = dict(zip(names, htp_session.run(names, feeds), strict=True))
     rows = []
     for tap in taps:
