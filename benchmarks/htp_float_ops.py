@@ -7,7 +7,12 @@ same quantized inputs: the share one or more (two or more) steps off, and the mo
 - RMSNorm over a residual-stream-like input (128 x 576, normal with one outlier channel), two ways: "float
   chain" (Mul, ReduceMean, Add, Sqrt, Div, Mul in float: HTP runs them in float16) and "fused" (one
   SimplifiedLayerNormalization over the weight's 16-bit codes: HTP's quantized RmsNorm, what the export does);
-- RoPE on one head (128 x 64, rotate-half with float cos/sin inputs, as the export does);
+- RoPE on one head (128 x 64, rotate-half), two ways: "float" (float cos/sin, the products and sums in float:
+  HTP runs them in float16) and "quantized" (cos/sin, the four products and their difference and sum each
+  16-bit: integer ops on HTP, what the export does; scored against float64 with the same roundings);
+- a projection (16-bit activations [128 x 576] times int4 weights in blocks of 32 -> 192), two ways: "free scales"
+  (a float scale per block: HTP computes it on float16 activations) and "LPBQ scales" (on the per-channel grid of
+  4-bit integers, prepared with `qnn.LPBQ_OPTIONS`: integer arithmetic, what the export and compile do);
 - attention's mask and softmax on one head (128 x 1024 quantized scores, the causal mask added in float, Softmax,
   16-bit probabilities, as the export does);
 - attention's context on two heads (16-bit probabilities [128 x 1024] times 16-bit values [1024 x 64], merged),
@@ -33,6 +38,7 @@ from ondevice_llama.quantization.encodings import ActivationEncoding, norm_weigh
 RESULTS = Path(__file__).resolve().parent / "results"
 N, H, EPS = 128, 576, 1e-5
 KEYS, HEAD_DIM = 1024, 64  # attention: cached + new keys, and a head's width
+TABLE = ActivationEncoding(16, -1.0, 1.0)  # RoPE's cos and sin in the export
 PRESCALE = 2.0**-6  # what the export picks for this input's range (RMS_NORM_RANGE 8)
 
 
@@ -71,25 +77,52 @@ def build(kind: str, folder: Path, inp: ActivationEncoding, out: ActivationEncod
     return path
 
 
-def build_rope(folder: Path, inp: ActivationEncoding, out: ActivationEncoding, d: int) -> Path:
+def build_rope(folder: Path, kind: str, inp: ActivationEncoding, out: ActivationEncoding,
+               products: ActivationEncoding, d: int) -> Path:
     half = d // 2
-    inits = _encoding("in", inp) + _encoding("out", out) + [
-        nh.from_array(np.array([v], np.int64), n) for n, v in (("s0", 0), ("s1", half), ("s2", d), ("axis", -1))]
-    nodes = _qdq("x", "xd", "in") + [
-        helper.make_node("Slice", ["xd", "s0", "s1", "axis"], ["x1"]),
-        helper.make_node("Slice", ["xd", "s1", "s2", "axis"], ["x2"]),
-        helper.make_node("Mul", ["x1", "cos"], ["x1cos"]), helper.make_node("Mul", ["x2", "sin"], ["x2sin"]),
-        helper.make_node("Sub", ["x1cos", "x2sin"], ["first"]),
-        helper.make_node("Mul", ["x2", "cos"], ["x2cos"]), helper.make_node("Mul", ["x1", "sin"], ["x1sin"]),
-        helper.make_node("Add", ["x2cos", "x1sin"], ["second"]),
-        helper.make_node("Concat", ["first", "second"], ["y0"], axis=-1)] + _qdq("y0", "y", "out")[:1]
+    quantized = kind == "quantized"
+    inits = _encoding("in", inp) + _encoding("out", out) + _encoding("prod", products) + _encoding(
+        "table", TABLE) + [nh.from_array(np.array([v], np.int64), n) for n, v in (("s0", 0), ("s1", half), ("s2", d),
+                                                                               ("axis", -1))]
+    nodes = _qdq("x", "xd", "in") + [helper.make_node("Slice", ["xd", "s0", "s1", "axis"], ["x1s"]),
+                                     helper.make_node("Slice", ["xd", "s1", "s2", "axis"], ["x2s"])]
+    if quantized:
+        nodes += _qdq("x1s", "x1", "in") + _qdq("x2s", "x2", "in") + _qdq("cos", "c", "table") + \
+            _qdq("sin", "s", "table")
+    else:
+        nodes += [helper.make_node("Identity", [a], [b]) for a, b in (("x1s", "x1"), ("x2s", "x2"), ("cos", "c"),
+                                                                      ("sin", "s"))]
+    for label, a, b in (("x1cos", "x1", "c"), ("x2sin", "x2", "s"), ("x2cos", "x2", "c"), ("x1sin", "x1", "s")):
+        nodes.append(helper.make_node("Mul", [a, b], [f"{label}_f" if quantized else label]))
+        nodes += _qdq(f"{label}_f", label, "prod") if quantized else []
+    nodes += [helper.make_node("Sub", ["x1cos", "x2sin"], ["first_f" if quantized else "first"]),
+              helper.make_node("Add", ["x2cos", "x1sin"], ["second_f" if quantized else "second"])]
+    nodes += _qdq("first_f", "first", "out") + _qdq("second_f", "second", "out") if quantized else []
+    nodes += [helper.make_node("Concat", ["first", "second"], ["y0"], axis=-1)] + _qdq("y0", "y", "out")[:1]
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
               for n, shape in (("x", [1, N, d]), ("cos", [1, N, half]), ("sin", [1, N, half]))]
     graph = helper.make_graph(nodes, "rope", inputs, [helper.make_tensor_value_info("y_q", TensorProto.UINT16,
                                                                                     [1, N, d])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
-    path = folder / "rope.onnx"
+    path = folder / f"rope_{kind}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def build_projection(folder: Path, kind: str, inp: ActivationEncoding, out: ActivationEncoding,
+                     codes: np.ndarray, scales: np.ndarray) -> Path:
+    """x [1, N, K] 16-bit ─ MatMul(int4 codes [K, M], a scale per 32 rows of K) ─ 16-bit y."""
+    k, m = codes.shape
+    inits = _encoding("in", inp) + _encoding("out", out) + [
+        helper.make_tensor("w", TensorProto.INT4, [k, m], codes.flatten().tolist()), nh.from_array(scales, "ws")]
+    nodes = _qdq("x", "xd", "in") + [helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=0, block_size=32),
+                                     helper.make_node("MatMul", ["xd", "wd"], ["y0"])] + _qdq("y0", "y", "out")[:1]
+    graph = helper.make_graph(nodes, "projection", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, N, k])],
+                              [helper.make_tensor_value_info("y_q", TensorProto.UINT16, [1, N, m])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    path = folder / f"projection_{kind.replace(' ', '_')}.onnx"
     onnx.save(model, path)
     return path
 
@@ -131,16 +164,19 @@ def build_context(folder: Path, kind: str, probs: ActivationEncoding, values: Ac
     return path
 
 
-def score(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, soc) -> list[dict]:
-    """Steps off the reference on ONNX Runtime's CPU and on QNN HTP."""
+def score(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, soc, provider: dict | None = None
+          ) -> list[dict]:
+    """Steps off the reference on ONNX Runtime's CPU and on QNN HTP (prepared with `provider` options)."""
     import onnxruntime as ort
 
     rows = []
     for backend in ("ONNX Runtime CPU", "QNN HTP (simulator)"):
         if backend.startswith("QNN"):
-            session = ort.InferenceSession(str(path), sess_options=qnn.session_options(soc))
+            session = ort.InferenceSession(str(path), sess_options=qnn.session_options(soc, provider=provider))
         else:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()  # DequantizeLinear + MatMul in float, not int8 MatMulNBits
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         off = np.abs(session.run(None, feeds)[0].astype(np.int64) - reference)
         rows.append({"backend": backend, "off_by_1_or_more": float((off >= 1).mean()),
                      "off_by_2_or_more": float((off >= 2).mean()), "max_steps_off": int(off.max())})
@@ -171,12 +207,20 @@ def main() -> int:
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         q_in = ActivationEncoding(16, float(q.min()), float(q.max()))
         q_out = ActivationEncoding(16, 1.4 * q_in.min, 1.4 * q_in.max)
+        largest = max(-q_in.min, q_in.max)
+        products = ActivationEncoding(16, -largest, largest)
         qd = q_in.dequantize(q_in.quantize(q)).astype(np.float64)
-        q1, q2 = qd[..., :d // 2], qd[..., d // 2:]
-        rope_reference = q_out.quantize(np.concatenate([q1 * cos - q2 * sin, q2 * cos + q1 * sin], -1))
-        path = build_rope(Path(tmp), q_in, q_out, d)
-        rows += [{"graph": "RoPE, float"} | r for r in score(path, {"x": q, "cos": cos, "sin": sin},
-                                                            rope_reference.astype(np.int64), soc)]
+        for kind in ("float", "quantized"):
+            c, sn = (TABLE.dequantize(TABLE.quantize(t)).astype(np.float64) for t in (cos, sin)) \
+                if kind == "quantized" else (cos, sin)
+            rounded = (lambda t: products.dequantize(products.quantize(t)).astype(np.float64)) if kind == "quantized" \
+                else (lambda t: t)
+            q1, q2 = qd[..., :d // 2], qd[..., d // 2:]
+            rope_reference = q_out.quantize(np.concatenate([rounded(q1 * c) - rounded(q2 * sn),
+                                                            rounded(q2 * c) + rounded(q1 * sn)], -1))
+            path = build_rope(Path(tmp), kind, q_in, q_out, products, d)
+            rows += [{"graph": f"RoPE, {kind}"} | r for r in score(path, {"x": q, "cos": cos, "sin": sin},
+                                                                 rope_reference.astype(np.int64), soc)]
         from ondevice_llama.adapt.mask import MASK_VALUE
 
         c = 1024
@@ -202,9 +246,22 @@ def main() -> int:
             path = build_context(Path(tmp), kind, probs_out, v_enc, c_out, 2)
             rows += [{"graph": f"context MatMul, {kind}"} | r for r in score(
                 path, feeds, c_out.quantize(exact).astype(np.int64), soc)]
-    print(f"{'graph':26s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s}")
+        from ondevice_llama.quantization.quantizers import quantize_weight
+
+        x_proj = rng.standard_normal((1, N, H)).astype(np.float32)
+        p_in = ActivationEncoding(16, float(x_proj.min()), float(x_proj.max()))
+        xd = p_in.dequantize(p_in.quantize(x_proj)).astype(np.float64)
+        weight = (rng.standard_normal((192, H)) * 0.05).astype(np.float32)
+        for kind, scale_bits, provider in (("free scales", None, None), ("LPBQ scales", 4, qnn.LPBQ_OPTIONS)):
+            w = quantize_weight(weight, 4, 32, scale_bits=scale_bits)
+            exact = xd @ (w.codes * np.repeat(w.scales.astype(np.float64), 32, axis=1)).T
+            p_out = ActivationEncoding(16, float(exact.min()), float(exact.max()))
+            path = build_projection(Path(tmp), kind, p_in, p_out, w.codes.T, np.ascontiguousarray(w.scales.T))
+            rows += [{"graph": f"int4 block MatMul, {kind}"} | r for r in score(
+                path, {"x": x_proj}, p_out.quantize(exact).astype(np.int64), soc, provider)]
+    print(f"{'graph':31s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s}")
     for r in rows:
-        print(f"{r['graph']:26s} {r['backend']:20s} {r['off_by_1_or_more']:9.2%} {r['off_by_2_or_more']:10.2%} "
+        print(f"{r['graph']:31s} {r['backend']:20s} {r['off_by_1_or_more']:9.2%} {r['off_by_2_or_more']:10.2%} "
               f"{r['max_steps_off']:5d}")
     RESULTS.mkdir(exist_ok=True)
     result = {"shape": [1, N, H], "soc": soc.name, "qnn_sdk": qnn.sdk_version(), "rows": rows}
