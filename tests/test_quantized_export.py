@@ -137,30 +137,6 @@ def test_the_residual_stream_stays_float_and_each_norm_quantizes_its_input(tiny_
             assert dequantize.op_type == "DequantizeLinear" and dequantize.name.endswith("/input/qdq/DequantizeLinear")
 
 
-def test_rope_is_integer_ops_on_quantized_tables(tiny_checkpoints, tmp_path):
-    """Every RoPE multiply, difference and sum reads DequantizeLinear outputs only and feeds a QuantizeLinear only
-    (QNN HTP then runs it as an integer op, not in float16), and cos and sin are quantized over [-1, 1]."""
-    checkpoint = open_checkpoint(tiny_checkpoints["mha_untied"])
-    manifest = _export(checkpoint, tmp_path / "m", precision="w4a16", block_size=32, num_parts=1)
-    graph = onnx.load(tmp_path / "m" / manifest.parts[0].graphs["prompt_processor"].file, load_external_data=False)
-    producers = {o: n for n in graph.graph.node for o in n.output}
-    readers = {}
-    for n in graph.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    rope = [n for n in graph.graph.node if "_rope/" in n.name and n.op_type in ("Mul", "Sub", "Add")]
-    c = checkpoint.config
-    assert len(rope) == 6 * (c.num_heads + c.num_kv_heads) * c.num_layers
-    for node in rope:
-        assert all(producers[i].op_type == "DequantizeLinear" for i in node.input), node.name
-        assert [r.op_type for r in readers[node.output[0]]] == ["QuantizeLinear"], node.name
-    encodings = json.loads((tmp_path / "m" / manifest.parts[0].encodings_file).read_text())["activation_encodings"]
-    tables = {n.input[0] for n in graph.graph.node if n.op_type == "QuantizeLinear" and "/rope_" in n.name}
-    assert len(tables) == 2 and tables <= {e["name"] for e in encodings}  # cos and sin, quantized in every layer
-    for e in (e for e in encodings if e["name"] in tables):
-        assert e["bw"] == 16 and abs(e["scale"][0] * 65535 - 2) < 1e-6  # [-1, 1] in 16 bits
-
-
 def test_weight_only_and_fp16_precisions(tiny_checkpoints, tmp_path):
     checkpoint = open_checkpoint(tiny_checkpoints["mha_untied"])
     tokens = list(np.random.default_rng(1).integers(0, checkpoint.config.vocab_size, C - 1))  # + the sink: C

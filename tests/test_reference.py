@@ -121,20 +121,3 @@ def test_unknown_or_incomplete_rope_is_refused(rope, message):
             "num_attention_heads": 4}
     with pytest.raises(ValueError, match=message):
         LlamaConfig.from_hf(base | {"rope_parameters": rope})
-
-
-def test_rope_as_four_products_is_rotate_half():
-    """`apply_rope` as the graphs compute it (four products, then their difference and sum) is Hugging Face's
-    x * cos + rotate_half(x) * sin; with the products rounded, each output moves by at most two roundings."""
-    from ondevice_llama.config import LlamaConfig
-    from ondevice_llama.model.reference import apply_rope, rope_cos_sin, rotate_half
-
-    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                         num_kv_heads=1)
-    x = torch.randn(1, 2, 7, config.head_dim, generator=torch.Generator().manual_seed(0)) * 3
-    cos, sin = rope_cos_sin(config, torch.arange(7))
-    hf = x * cos + rotate_half(x) * sin
-    torch.testing.assert_close(apply_rope(x, cos, sin, lambda t: t), hf, rtol=0, atol=1e-6)
-    step = 2.0**-8
-    rounded = apply_rope(x, cos, sin, lambda t: torch.round(t / step) * step)
-    assert 0 < (rounded - hf).abs().max() <= step + 1e-6
