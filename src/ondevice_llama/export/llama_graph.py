@@ -266,25 +266,18 @@ class PartGraphBuilder:
         x = self.qdq(input_tap, stream, f"{name}/input/qdq")
         return self.qdq(weight, self.make_rms_norm(name, x, weight, input_tap))
 
-    def make_rope(self, name: str, x: str, cos: str, sin: str, tap: str) -> str:
-        """RoPE of `x` (the output of tap `tap`, "layers.L.q" or ".k"), Hugging Face's rotate-half:
-
+    def make_rope(self, name: str, x: str, cos: str, sin: str) -> str:
+        """
         x [1, n, d] ─ Slice ─► x1, x2 (halves)
-        out = Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)
-
-        Quantized graphs quantize the halves (again with x's encoding), the four products (`{q,k}_rotation`) and
-        the difference and sum (with `{q,k}_rope`'s), so that every one is an integer op on QNN HTP, as the
-        reference rounds them (`apply_rope`)."""
+        out = Concat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)     (Hugging Face's rotate-half)
+        """
         g, half = self.g, self.c.head_dim // 2
-        rotation, rope = tap + "_rotation", tap + "_rope"
-        x1 = self.qdq(tap, g.make_slice(f"{name}/x1", x, 0, half, -1))
-        x2 = self.qdq(tap, g.make_slice(f"{name}/x2", x, half, 2 * half, -1))
-
-        def product(label: str, a: str, b: str) -> str:
-            return self.qdq(rotation, g.make_mul(f"{name}/{label}", a, b))
-
-        first = self.qdq(rope, g.make_sub(f"{name}/first", product("x1cos", x1, cos), product("x2sin", x2, sin)))
-        second = self.qdq(rope, g.make_add(f"{name}/second", product("x2cos", x2, cos), product("x1sin", x1, sin)))
+        x1 = g.make_slice(f"{name}/x1", x, 0, half, -1)
+        x2 = g.make_slice(f"{name}/x2", x, half, 2 * half, -1)
+        first = g.make_sub(f"{name}/first", g.make_mul(f"{name}/x1cos", x1, cos),
+                           g.make_mul(f"{name}/x2sin", x2, sin))
+        second = g.make_add(f"{name}/second", g.make_mul(f"{name}/x2cos", x2, cos),
+                            g.make_mul(f"{name}/x1sin", x1, sin))
         return g.make_concat(name, [first, second], -1)
 
     def make_past(self, layer: int) -> tuple[list[str], list[str]]:
@@ -318,7 +311,7 @@ class PartGraphBuilder:
         g, d = self.g, self.c.head_dim
         tap = f"layers.{layer}."
         k = self.qdq(tap + "k", self.make_projection(f"{name}/k_proj", x, f"layers.{layer}.k_proj", head))
-        k = self.make_rope(f"{name}/k_rope", self.rows_from_stream(f"{name}/k_rows", k, d), cos, sin, tap + "k")
+        k = self.make_rope(f"{name}/k_rope", self.rows_from_stream(f"{name}/k_rows", k, d), cos, sin)
         new_key = g.make_transpose(f"{name}/k_transposed", self.qdq(tap + "k_rope", k), [0, 2, 1])
         v = self.qdq(tap + "v", self.make_projection(f"{name}/v_proj", x, f"layers.{layer}.v_proj", head))
         new_value = self.qdq(tap + "v_cache", self.rows_from_stream(f"{name}/v_rows", v, d))
@@ -340,7 +333,7 @@ class PartGraphBuilder:
         g, d = self.g, self.c.head_dim
         tap = f"layers.{layer}."
         q = self.qdq(tap + "q", self.make_projection(f"{name}/q_proj", x, f"layers.{layer}.q_proj", head))
-        q = self.make_rope(f"{name}/q_rope", self.rows_from_stream(f"{name}/q_rows", q, d), cos, sin, tap + "q")
+        q = self.make_rope(f"{name}/q_rope", self.rows_from_stream(f"{name}/q_rows", q, d), cos, sin)
         scores = g.make_matmul(f"{name}/scores", self.qdq(tap + "q_rope", q), keys)
         scores = g.make_mul(f"{name}/scale", scores, g.constant(d**-0.5, F32))
         # Quantized before the mask: the static cache's empty slots stay exactly masked (as in the simulation).
@@ -351,8 +344,6 @@ class PartGraphBuilder:
     def make_attention(self, layer: int, x: str, cos: str, sin: str, mask: str) -> str:
         g, c = self.g, self.c
         name = f"/part{self.part.index}/layers.{layer}/attn"
-        cos = self.qdq(f"layers.{layer}.rope_cos", cos, f"{name}/rope_cos/qdq")
-        sin = self.qdq(f"layers.{layer}.rope_sin", sin, f"{name}/rope_sin/qdq")
         past_keys, past_values = self.make_past(layer)
         kv, new_keys, new_values = [], [], []
         for h in range(c.num_kv_heads):

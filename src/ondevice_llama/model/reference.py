@@ -42,19 +42,9 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, round_product: Callable[[Tensor], Tensor] | None = None
-               ) -> Tensor:
-    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim] (frequencies repeated for both halves).
-
-    Hugging Face's x * cos + rotate_half(x) * sin, computed as the graphs compute it: four products of a half and
-    a table, each rounded by `round_product` (quantized graphs run them as integer multiplies, so that QNN HTP
-    does not round RoPE to float16), then their difference and sum."""
-    if round_product is None:
-        return x * cos + rotate_half(x) * sin
-    half = x.shape[-1] // 2
-    x1, x2, c, s = x[..., :half], x[..., half:], cos[..., :half], sin[..., :half]
-    return torch.cat((round_product(x1 * c) - round_product(x2 * s), round_product(x2 * c) + round_product(x1 * s)),
-                     dim=-1)
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, heads, T, head_dim]; cos/sin: [T, head_dim] (frequencies repeated for both halves)."""
+    return x * cos + rotate_half(x) * sin
 
 
 def rope_cos_sin(config: LlamaConfig, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,11 +68,8 @@ def causal_mask(input_pos: Tensor, keys: int, dtype: torch.dtype) -> Tensor:
 # The residual stream itself is not one of them: only what each RMSNorm reads of it is ("attn_input", "mlp_input",
 # "norm_input"). Its 16-bit step is coarse (rare massive activations set its range), and quantizing the stream
 # would add that rounding up layer after layer; a norm's input is rounded once, where it is read.
-# RoPE's tables ("rope_cos", "rope_sin": fixed 16-bit encodings of [-1, 1]) and its products ("q_rotation",
-# "k_rotation") are quantized too, so that an accelerator runs RoPE in integer arithmetic.
-LAYER_TAPS = ("attn_input", "input_norm", "q", "k", "v", "v_cache", "rope_cos", "rope_sin", "q_rotation", "k_rotation",
-              "q_rope", "k_rope", "scores", "probs", "context", "o", "mlp_input", "post_attention_norm", "gate", "up",
-              "silu", "gate_up", "down")
+LAYER_TAPS = ("attn_input", "input_norm", "q", "k", "v", "v_cache", "q_rope", "k_rope", "scores", "probs", "context",
+              "o", "mlp_input", "post_attention_norm", "gate", "up", "silu", "gate_up", "down")
 GLOBAL_TAPS = ("embed", "norm_input", "norm", "logits")
 
 
@@ -131,9 +118,7 @@ class Attention(nn.Module):
         # The cache holds values quantized on their own ("v_cache", 8 bits with --kv-bits 8): an accelerator's
         # projection then keeps 16-bit outputs like every other one.
         v = tap(p + "v_cache", tap(p + "v", self.v_proj(x))).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        cos, sin = tap(p + "rope_cos", cos), tap(p + "rope_sin", sin)
-        q = tap(p + "q_rope", apply_rope(q, cos, sin, lambda t: tap(p + "q_rotation", t)))
-        k = tap(p + "k_rope", apply_rope(k, cos, sin, lambda t: tap(p + "k_rotation", t)))
+        q, k = tap(p + "q_rope", apply_rope(q, cos, sin)), tap(p + "k_rope", apply_rope(k, cos, sin))
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         k, v = repeat_kv(k, c.group_size), repeat_kv(v, c.group_size)

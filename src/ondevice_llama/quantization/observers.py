@@ -79,7 +79,6 @@ class RangeObserver:
         return ranges
 
 
-ROPE_TABLE_TAPS = (".rope_cos", ".rope_sin")
 SCORE_FLOOR = 20.0  # masked scores clamp this far below the largest: exp(-20) is negligible
 
 
@@ -91,8 +90,6 @@ def encodings_from_ranges(ranges: dict[str, tuple[float, float]], bits_for) -> d
             continue
         if name.endswith(".scores"):
             lo = min(lo, hi - SCORE_FLOOR)  # room for the masked entries to saturate harmlessly
-        if name.endswith(ROPE_TABLE_TAPS):  # cos and sin: the tables' whole range, whatever positions calibrated
-            lo, hi = -1.0, 1.0
         encodings[name] = ActivationEncoding(bits, lo, hi)
     return encodings
 

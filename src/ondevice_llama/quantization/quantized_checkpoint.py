@@ -26,10 +26,9 @@ from .quantizers import QuantizedWeight, dequantize, pack_int4, unpack_int4
 from .recipe import Recipe
 
 QUANTIZED_FORMAT = "ondevice-llama-quantized"
-QUANTIZED_VERSION = 8  # 3: the attention sink; 4: its K/V quantized as cache entries; 5: values' own cache tap;
+QUANTIZED_VERSION = 7  # 3: the attention sink; 4: its K/V quantized as cache entries; 5: values' own cache tap;
 # 6: 16-bit norm weights where norm outputs are quantized (the sink and encodings computed with them); 7: norm
-# inputs quantized, not the residual stream (taps attn_input, mlp_input, norm_input); 8: RoPE quantized (rope_cos,
-# rope_sin, q_rotation, k_rotation)
+# inputs quantized, not the residual stream (taps attn_input, mlp_input, norm_input)
 
 class QuantizedWeights(Mapping[str, QuantizedWeight]):
     """Quantized weights on disk, one safetensors file per layer, read one tensor at a time.
