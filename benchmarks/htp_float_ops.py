@@ -2,17 +2,19 @@
 
 Each graph reads 16-bit codes and writes 16-bit codes, as inside our quantized graphs, and runs on ONNX Runtime's
 CPU and on QNN HTP (the x86_64 simulator, SM8650); its output codes are scored against a float64 reference on the
-same quantized inputs: the share one or more (two or more) steps off, and the most.
+same quantized inputs: the share one or more (two or more) steps off, the most, and the mean signed difference
+(a bias: rounding low or high where float64 rounds to nearest).
 
 - RMSNorm over a residual-stream-like input (128 x 576, normal with one outlier channel), two ways: "float
   chain" (Mul, ReduceMean, Add, Sqrt, Div, Mul in float: HTP runs them in float16) and "fused" (one
   SimplifiedLayerNormalization over the weight's 16-bit codes: HTP's quantized RmsNorm, what the export does);
 - RoPE on one head (128 x 64, rotate-half), two ways: "float" (float cos/sin, the products and sums in float:
   HTP runs them in float16) and "quantized" (cos/sin, the four products and their difference and sum each
-  16-bit: integer ops on HTP, what the export does; scored against float64 with the same roundings);
+  16-bit: integer ops on HTP, which the export tried and dropped; scored against float64 with the same
+  roundings);
 - a projection (16-bit activations [128 x 576] times int4 weights in blocks of 32 -> 192), two ways: "free scales"
   (a float scale per block: HTP computes it on float16 activations) and "LPBQ scales" (on the per-channel grid of
-  4-bit integers, prepared with `qnn.LPBQ_OPTIONS`: integer arithmetic, what the export and compile do);
+  4-bit integers, prepared with `qnn.LPBQ_OPTIONS`: integer arithmetic, the recipe's `block_scale_bits` 4);
 - attention's mask and softmax on one head (128 x 1024 quantized scores, the causal mask added in float, Softmax,
   16-bit probabilities, as the export does);
 - attention's context on two heads (16-bit probabilities [128 x 1024] times 16-bit values [1024 x 64], merged),
@@ -177,9 +179,11 @@ def score(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray, soc, 
             options = ort.SessionOptions()  # DequantizeLinear + MatMul in float, not int8 MatMulNBits
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        off = np.abs(session.run(None, feeds)[0].astype(np.int64) - reference)
+        signed = session.run(None, feeds)[0].astype(np.int64) - reference
+        off = np.abs(signed)
         rows.append({"backend": backend, "off_by_1_or_more": float((off >= 1).mean()),
-                     "off_by_2_or_more": float((off >= 2).mean()), "max_steps_off": int(off.max())})
+                     "off_by_2_or_more": float((off >= 2).mean()), "max_steps_off": int(off.max()),
+                     "mean_steps": float(signed.mean())})
     return rows
 
 
@@ -259,10 +263,10 @@ def main() -> int:
             path = build_projection(Path(tmp), kind, p_in, p_out, w.codes.T, np.ascontiguousarray(w.scales.T))
             rows += [{"graph": f"int4 block MatMul, {kind}"} | r for r in score(
                 path, {"x": x_proj}, p_out.quantize(exact).astype(np.int64), soc, provider)]
-    print(f"{'graph':31s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s}")
+    print(f"{'graph':31s} {'backend':20s} {'>=1 step':>9s} {'>=2 steps':>10s} {'max':>5s} {'mean':>7s}")
     for r in rows:
         print(f"{r['graph']:31s} {r['backend']:20s} {r['off_by_1_or_more']:9.2%} {r['off_by_2_or_more']:10.2%} "
-              f"{r['max_steps_off']:5d}")
+              f"{r['max_steps_off']:5d} {r['mean_steps']:+7.3f}")
     RESULTS.mkdir(exist_ok=True)
     result = {"shape": [1, N, H], "soc": soc.name, "qnn_sdk": qnn.sdk_version(), "rows": rows}
     (RESULTS / "htp_float_ops.json").write_text(json.dumps(result, indent=1) + "\n")

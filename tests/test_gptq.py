@@ -159,14 +159,12 @@ def test_lpbq_gptq_scales_stay_on_the_grid(act_order, refit):
     assert _hessian_error(w, free, h) < _hessian_error(w, lpbq, h) < min(1.3 * _hessian_error(w, free, h), 0.7 * rtn)
 
 
-def test_recipe_lpbq_for_npu_block_recipes_only():
-    """'auto' block scale bits: LPBQ for activation-quantized recipes with blocks (what compile hands QNN as
-    such); free scales per channel, for the CPU's weight-only precisions and for recipes saved before LPBQ."""
-    assert Recipe.from_precision("w4a16", block_size=32).block_scale_bits == 4
-    assert "LPBQ" in Recipe.from_precision("w4a16", block_size=32).describe()
-    assert Recipe.from_precision("w4a16", block_size=None).block_scale_bits is None
-    assert Recipe.from_precision("w4", block_size=32).block_scale_bits is None
-    recipe = Recipe.from_precision("w4a16", block_size=32)
+def test_recipe_lpbq_is_opt_in():
+    """LPBQ block scales when a recipe asks (`block_scale_bits` 4, for int4 weights only); free scales by default
+    and for recipes saved before the field existed; nothing but 4 or none."""
+    assert Recipe.from_precision("w4a16", block_size=32).block_scale_bits is None
+    recipe = Recipe.from_precision("w4a16", block_size=32, block_scale_bits=4)
+    assert "LPBQ" in recipe.describe() and "LPBQ" not in Recipe().describe()
     assert recipe.scale_bits_for(4) == 4 and recipe.scale_bits_for(8) is None
     saved = {k: v for k, v in recipe.to_dict().items() if k != "block_scale_bits"}
     assert Recipe.from_dict(saved).block_scale_bits is None and Recipe.from_dict(recipe.to_dict()) == recipe
