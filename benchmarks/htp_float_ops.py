@@ -19,7 +19,8 @@ same quantized inputs: the share one or more (two or more) steps off, the most, 
   16-bit probabilities, as the export does);
 - attention's context on two heads (16-bit probabilities [128 x 1024] times 16-bit values [1024 x 64], merged),
   two ways: "quantized" (each head's MatMul a QDQ unit: HTP's 16-bit x 16-bit quantized MatMul) and "float"
-  (quantized once merged, as the export does: the MatMuls run in float, float16 on HTP).
+  (quantized once merged, as the export does: the MatMuls run in float, float16 on HTP); and quantized with
+  8-bit values (an 8-bit KV cache), to see whether HTP's 16-bit x 8-bit quantized MatMul does better.
 
     python benchmarks/htp_float_ops.py        # needs the qnn extra; writes results/htp_float_ops.json
 """
@@ -250,6 +251,14 @@ def main() -> int:
             path = build_context(Path(tmp), kind, probs_out, v_enc, c_out, 2)
             rows += [{"graph": f"context MatMul, {kind}"} | r for r in score(
                 path, feeds, c_out.quantize(exact).astype(np.int64), soc)]
+        # The same with 8-bit values (--kv-bits 8): is HTP's quantized 16-bit x 8-bit MatMul any closer?
+        v8 = ActivationEncoding(8, float(values.min()), float(values.max()))
+        feeds8 = feeds | {"v": v8.dequantize(v8.quantize(values))}
+        exact8 = np.concatenate([feeds8[f"p{h}"].astype(np.float64) @ feeds8["v"].astype(np.float64)
+                                 for h in range(2)], -1)
+        path = build_context(Path(tmp), "quantized", probs_out, v8, c_out, 2)
+        rows += [{"graph": "context MatMul, quantized, v8"} | r for r in score(
+            path, feeds8, c_out.quantize(exact8).astype(np.int64), soc)]
         from ondevice_llama.quantization.quantizers import quantize_weight
 
         x_proj = rng.standard_normal((1, N, H)).astype(np.float32)
