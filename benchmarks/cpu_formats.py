@@ -2,23 +2,21 @@
 
     python benchmarks/cpu_formats.py [--max-tokens 2048] [--repetitions 5] [--variants a,b,...] [--skip-speed]
 
-Each variant is the CPU target with other `CpuGraphOptions` (weight bits and mode, and whether `down_proj` computes
-in float), exported through `export_model` (once with every position's logits, for perplexity, once as chat
-uses it). Quality: `ondevice-llama evaluate`'s windows on --max-tokens wikitext-2 test tokens, every variant beside
-the float model in one pass. The README prompt ("What is the capital of France?") through `ondevice-llama chat`,
-greedy. Speed: decode tokens/s over 128 steps after a 128-token prompt, vs_peers.py's engines, every variant and
-ORT GenAI's int4 model in each round, the order rotating. Writes benchmarks/results/cpu_formats.json.
+Each variant is the CPU target with other weight options (`--precision w4|w8`, `--cpu-weights`, `--int8-down-proj`:
+the weights' bits and grid, and whether `down_proj` computes in float), exported through `export_model` (once
+with every position's logits, for perplexity, once as chat uses it). Quality: `ondevice-llama evaluate`'s
+windows on --max-tokens wikitext-2 test tokens, every variant beside the float model in one pass. The README
+prompt ("What is the capital of France?") through `ondevice-llama chat`, greedy. Speed: decode tokens/s over 128
+steps after a 128-token prompt, vs_peers.py's engines, every variant and ORT GenAI's int4 model in each round,
+the order rotating. Writes benchmarks/results/cpu_formats.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,38 +25,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cpu_formats.json"
 PROMPT = "What is the capital of France?"
-VARIANTS = {  # name -> (what it is, CpuGraphOptions fields)
+VARIANTS = {  # name -> (what it is, the cpu target's ExportOptions fields)
     "affine4_down_float": ("w4 affine (Q4_1 exact), down_proj in float: the default",
-                           dict(bits=4, mode="affine", float_down_proj=True)),
-    "affine4": ("w4 affine, int8 compute everywhere", dict(bits=4, mode="affine", float_down_proj=False)),
+                           dict(precision="w4", cpu_weights="affine", cpu_float_down_proj=True)),
+    "affine4": ("w4 affine, int8 compute everywhere",
+                dict(precision="w4", cpu_weights="affine", cpu_float_down_proj=False)),
     "asymmetric8": ("w8 asymmetric (integer zero points), int8 compute everywhere",
-                    dict(bits=8, mode="asymmetric", float_down_proj=False)),
-    "asymmetric8_down_float": ("w8 asymmetric, down_proj in float", dict(bits=8, mode="asymmetric",
-                                                                         float_down_proj=True)),
+                    dict(precision="w8", cpu_weights="asymmetric", cpu_float_down_proj=False)),
+    "asymmetric8_down_float": ("w8 asymmetric, down_proj in float",
+                               dict(precision="w8", cpu_weights="asymmetric", cpu_float_down_proj=True)),
     "asymmetric4": ("w4 asymmetric RTN (integer zero points), int8 compute everywhere",
-                    dict(bits=4, mode="asymmetric", float_down_proj=False)),
+                    dict(precision="w4", cpu_weights="asymmetric", cpu_float_down_proj=False)),
     "symmetric4": ("w4 symmetric RTN (ORT GenAI's grid), int8 compute everywhere",
-                   dict(bits=4, mode="symmetric", float_down_proj=False)),
+                   dict(precision="w4", cpu_weights="symmetric", cpu_float_down_proj=False)),
 }
-
-
-@contextlib.contextmanager
-def cpu_graph_options(**fields) -> Iterator[None]:
-    """Exports made inside use the CPU graph options with `fields` replaced (the benchmark's one lever)."""
-    from ondevice_llama.export import plan
-    from ondevice_llama.export.cpu_graph import CpuGraphOptions
-
-    original = plan.graph_options
-
-    def patched(options):
-        return {kind: dataclasses.replace(o, **fields) if isinstance(o, CpuGraphOptions) else o
-                for kind, o in original(options).items()}
-
-    plan.graph_options = patched
-    try:
-        yield
-    finally:
-        plan.graph_options = original
 
 
 def answer(folder: Path) -> str:
@@ -113,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         chat_folders, sources = {}, {"float": float_logits(checkpoint)}
         for name in names:
-            with cpu_graph_options(**VARIANTS[name][1]):
-                for all_logits in (False, True):
-                    folder = root / (name + ("_all" if all_logits else ""))
-                    export_model(checkpoint, folder, ExportOptions(target="cpu", all_logits=all_logits),
-                                 progress=False)
+            for all_logits in (False, True):
+                folder = root / (name + ("_all" if all_logits else ""))
+                export_model(checkpoint, folder, ExportOptions(target="cpu", all_logits=all_logits,
+                                                               **VARIANTS[name][1]), progress=False)
             chat_folders[name] = root / name
             sources[name] = exported_logits(ExportedModel(root / f"{name}_all", threads=args.threads))
         bos = checkpoint.special_tokens.bos_id

@@ -21,9 +21,9 @@ TOLERANCE = 1e-4  # max |difference| / max |logits|
 BITS = {"w4": 4, "w8": 8}
 
 
-def cpu_recipe(bits: int):
-    """What the CPU target stores: affine block-32 projections, 8-bit symmetric embedding and LM head."""
-    return uniform_recipe(WeightScheme(bits, 32, "affine"), WeightScheme(8, 32, "symmetric"))
+def cpu_recipe(bits: int, mode: str = "affine"):
+    """What the CPU target stores: block-32 projections (affine by default), 8-bit symmetric embedding and head."""
+    return uniform_recipe(WeightScheme(bits, 32, mode), WeightScheme(8, 32, "symmetric"))
 
 
 def run_all(model: ExportedModel, tokens: list[int]) -> np.ndarray:
@@ -51,6 +51,25 @@ def test_cpu_target_matches_reference_or_simulated(tiny_checkpoints, tmp_path, n
     with torch.no_grad():
         expected = build_reference(checkpoint.config, source)(tokens[None])[0].numpy()
     assert relative_error(run_all(ExportedModel(tmp_path / "cpu"), tokens.tolist()), expected[20:]) <= TOLERANCE
+
+
+@pytest.mark.parametrize(("precision", "mode"), [("w4", "symmetric"), ("w4", "asymmetric"), ("w8", "asymmetric")])
+def test_each_cpu_weight_grid_matches_its_simulation(tiny_checkpoints, tmp_path, precision, mode):
+    """--cpu-weights: the export holds the chosen grid (the simulated model on that grid agrees), and a grid
+    other than the default's gives other logits (the option reaches the graph)."""
+    checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
+    tokens = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(7))
+    logits = {}
+    for grid in (mode, "affine"):
+        options = ExportOptions(context_length=C, target="cpu", precision=precision, accuracy_level=0,
+                                cpu_weights=grid)
+        export_model(checkpoint, tmp_path / grid, options, progress=False)
+        logits[grid] = run_all(ExportedModel(tmp_path / grid), tokens.tolist())
+    source = FakeQuantSource(checkpoint.tensors, cpu_recipe(BITS[precision], mode))
+    with torch.no_grad():
+        expected = build_reference(checkpoint.config, source)(tokens[None])[0].numpy()
+    assert relative_error(logits[mode], expected[20:]) <= TOLERANCE
+    assert relative_error(logits["affine"], expected[20:]) > 10 * TOLERANCE
 
 
 def test_int8_activations_stay_close_to_the_simulated_model(tiny_checkpoints, tmp_path):

@@ -97,6 +97,12 @@ def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None
                    help="npu w4a16/w8a16: bits of the KV cache entries (default 16)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="cpu target: MatMulNBits compute type, 4 = int8 (fastest), 0 = float (default 4)")
+    p.add_argument("--cpu-weights", choices=("affine", "asymmetric", "symmetric"), default="affine",
+                   help="cpu target: the projections' 4/8-bit weight grid: affine (a float minimum per block, Q4_1's "
+                        "grid, exact for Q4_1 files), asymmetric (integer zero points) or symmetric (default affine)")
+    p.add_argument("--int8-down-proj", action="store_true",
+                   help="cpu target: down_proj computes at --accuracy-level too (default: in float, where "
+                        "activation outliers concentrate)")
     p.add_argument("--num-parts", type=_integer(1), default=None,
                    help="parts to split the model into (default: 4 for 7B-class models, fewer for small ones)")
     p.add_argument("--sequence-length", type=_integer(1), default=128, help="prompt processor length N (default 128)")
@@ -119,7 +125,8 @@ def _export_options(args: argparse.Namespace, all_logits: bool = False):
     return ExportOptions(num_parts=args.num_parts, sequence_length=args.sequence_length,
                          context_length=args.context_length, use_conv=args.conv, all_logits=all_logits,
                          target=args.target, precision=args.precision, block_size=args.block_size,
-                         accuracy_level=args.accuracy_level, algorithm=args.algorithm, rotation=args.rotation,
+                         accuracy_level=args.accuracy_level, cpu_weights=args.cpu_weights,
+                         cpu_float_down_proj=not args.int8_down_proj, algorithm=args.algorithm, rotation=args.rotation,
                          recipe=args.recipe,
                          calibration_file=args.calibration_file, quantized=args.quantized, kv_bits=args.kv_bits)
 

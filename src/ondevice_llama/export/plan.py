@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config import LlamaConfig
 from ..loading import Checkpoint
 from ..loading.names import num_parameters
+from ..quantization.quantizers import MODES
 from ..quantization.recipe import (
     BLOCK_SIZES_TEXT,
     DEFAULT_BLOCK_SIZE,
@@ -43,6 +44,8 @@ class ExportOptions:
     precision: str | None = None  # None: the target's default (npu: w4a16, cpu: w4)
     block_size: int | None = DEFAULT_BLOCK_SIZE  # weight quantization block; None: per output channel (npu target only)
     accuracy_level: int = 4  # cpu target: MatMulNBits compute type (4: int8, fastest; 0: float)
+    cpu_weights: str = "affine"  # cpu target: projection weights' mode (quantizers.MODES; affine is Q4_1's grid)
+    cpu_float_down_proj: bool = True  # cpu target: down_proj computes in float whatever the accuracy level
     algorithm: str | None = None  # npu quantized precisions: rtn | gptq (None: the recipe's default)
     rotation: str | None = None  # npu quantized precisions: hadamard | none (None: the recipe's default)
     recipe: Path | None = None  # a recipe file (e.g. from `analyze`) instead of one built from the precision
@@ -104,6 +107,12 @@ def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOption
     if options.target == "cpu" and (options.recipe or options.quantized or options.algorithm or options.rotation):
         raise ValueError("--recipe, --quantized, --algorithm, --rotation: these apply to the npu target's quantized "
                          "precisions")
+    if options.cpu_weights not in MODES:
+        raise ValueError(f"--cpu-weights: must be one of {', '.join(MODES)}, got {options.cpu_weights!r}")
+    if options.target != "cpu" and options.cpu_weights != "affine":
+        raise ValueError("--cpu-weights: applies to the cpu target (npu weights follow --precision and the recipe)")
+    if options.target != "cpu" and not options.cpu_float_down_proj:
+        raise ValueError("--int8-down-proj: applies to the cpu target (its MatMulNBits compute type)")
     parts = default_num_parts(config) if options.num_parts is None else options.num_parts
     context = default_context_length(config, options.target) if options.context_length is None \
         else options.context_length
@@ -182,9 +191,11 @@ def graph_options(options: ExportOptions) -> dict[str, GraphOptions | CpuGraphOp
     which the quantized checkpoint supplies)."""
     if options.target == "cpu":
         bits = None if options.precision in FLOAT_PRECISIONS else PRECISIONS[options.precision][0]
-        return {"decoder": CpuGraphOptions(options.context_length, bits, options.block_size, mode="affine",
+        return {"decoder": CpuGraphOptions(options.context_length, bits, options.block_size, mode=options.cpu_weights,
                                            head_bits=None if bits is None else 8,
-                                           accuracy_level=options.accuracy_level, all_logits=options.all_logits)}
+                                           accuracy_level=options.accuracy_level,
+                                           float_down_proj=options.cpu_float_down_proj,
+                                           all_logits=options.all_logits)}
     return {kind: GraphOptions(n, options.context_length, options.use_conv, None,
                                fp16_weights=options.precision == "fp16")
             for kind, n in (("prompt_processor", options.sequence_length), ("token_generator", 1))}
