@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
+from ..quantization.quantizers import MODES
 from ..quantization.recipe import (
     ALGORITHMS,
     BLOCK_SIZES,
@@ -97,7 +98,7 @@ def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None
                    help="npu w4a16/w8a16: bits of the KV cache entries (default 16)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="cpu target: MatMulNBits compute type, 4 = int8 (fastest), 0 = float (default 4)")
-    p.add_argument("--cpu-weights", choices=("affine", "asymmetric", "symmetric"), default="affine",
+    p.add_argument("--cpu-weights", choices=MODES, default="affine",
                    help="cpu target: the projections' 4/8-bit weight grid: affine (a float minimum per block, Q4_1's "
                         "grid, exact for Q4_1 files), asymmetric (integer zero points) or symmetric (default affine)")
     p.add_argument("--int8-down-proj", action="store_true",

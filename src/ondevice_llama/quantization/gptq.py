@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .quantizers import QuantizedWeight, dequantize, lpbq_scales
+from .quantizers import QuantizedWeight, dequantize, lpbq_scales, lpbq_unit, on_lpbq_grid
 
 CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # shrink factors 1.00, 0.98, ..., 0.50
 
@@ -161,8 +161,7 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
     scales = (_scales(w, bits, group, clip_search, importance) if static or lpbq
               else torch.zeros(out, cols // group, dtype=w.dtype))
     if lpbq:  # the grid's unit per row, from the scales of the weight as given
-        levels = 2**scale_bits
-        grid_unit = scales.max(dim=1).values.numpy() / levels
+        grid_unit = lpbq_unit(scales.numpy(), scale_bits)[:, 0]
         scales = torch.from_numpy(lpbq_scales(scales.numpy(), scale_bits)).double()
     perm, h_inv = _inverse_factor(hessian, h, damp, act_order, factors)
     # The column loop in numpy on the transposed weight (one visited column = one contiguous row): several
@@ -182,8 +181,8 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
                 source = block[i:i + group] if group <= end - col else wt[col:col + group]
                 fresh = _scales(torch.from_numpy(source.T.copy()), bits, group, clip_search,
                                 importance[col:col + group])
-                scales_t[col // group] = fresh[:, 0].numpy() if not lpbq else \
-                    np.clip(np.round(fresh[:, 0].numpy() / grid_unit), 1, levels) * grid_unit
+                fresh = fresh[:, 0].numpy()
+                scales_t[col // group] = on_lpbq_grid(fresh, grid_unit, scale_bits) if lpbq else fresh
             scale = scales_t[group_of[col]]
             q = np.clip(np.round(block[i] / scale), -qmax - 1, qmax)
             codes[col] = q

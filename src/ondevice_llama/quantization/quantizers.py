@@ -66,12 +66,20 @@ def choose_qparams(w: np.ndarray, bits: int, group_size: int, mode: str = "symme
     return scales, zero_points
 
 
+def lpbq_unit(scales: np.ndarray, scale_bits: int) -> np.ndarray:
+    """The LPBQ grid's unit per row of block scales [out, groups]: the largest / 2^scale_bits, [out, 1]. QNN
+    derives the same per-channel scale."""
+    return np.asarray(scales, np.float64).max(axis=-1, keepdims=True) / 2**scale_bits
+
+
+def on_lpbq_grid(scales: np.ndarray, unit: np.ndarray, scale_bits: int) -> np.ndarray:
+    """`scales` as the nearest multiples of `unit` (broadcast per row) by an integer in [1, 2^scale_bits]."""
+    return np.clip(np.round(scales / unit), 1, 2**scale_bits) * unit
+
+
 def lpbq_scales(scales: np.ndarray, scale_bits: int) -> np.ndarray:
-    """Block scales [out, groups] on the LPBQ grid: per row, the largest / 2^scale_bits times the nearest
-    integer in [1, 2^scale_bits] (the largest stays exact). QNN derives the same per-channel scale."""
-    levels = 2**scale_bits
-    top = np.asarray(scales, np.float64).max(axis=-1, keepdims=True) / levels
-    return (np.clip(np.round(scales / top), 1, levels) * top).astype(np.float32)
+    """Block scales [out, groups] on the LPBQ grid of their own rows (the largest stays exact)."""
+    return on_lpbq_grid(scales, lpbq_unit(scales, scale_bits), scale_bits).astype(np.float32)
 
 
 def quantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, group_size: int

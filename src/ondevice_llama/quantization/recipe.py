@@ -151,10 +151,10 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
-        """A saved recipe; one written before rotations, scale refits and LPBQ existed did none of them, whatever
-        today's defaults."""
+        """A saved recipe; one written before rotations and scale refits existed did neither, whatever today's
+        defaults."""
         saved = {k: v for k, v in data.items() if k not in ("format", "format_version")}
-        return cls(**{"rotation": None, "refit_scales": False, "block_scale_bits": None} | saved)
+        return cls(**{"rotation": None, "refit_scales": False} | saved)
 
     @classmethod
     def load(cls, path: Path | str) -> Recipe:
