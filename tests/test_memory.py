@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +29,12 @@ def test_memory_figures_are_sane():
 def test_peak_sampler_sees_a_phase_peak_after_the_memory_is_freed():
     gc.collect()
     with PeakRssSampler(interval=0.01) as sampler:
-        block = np.ones(64 * MB // 8)  # touched, so resident
+        # An anonymous mapping of its own, written, so resident: pages the allocator kept from earlier tests
+        # in this process cannot stand in for new ones, as they could for a numpy array.
+        block = mmap.mmap(-1, 64 * MB)
+        block.write(b"\1" * (64 * MB))
         sampler.sample()
-        del block
+        block.close()
     assert sampler.growth_bytes >= 60 * MB
     assert sampler.peak_bytes >= sampler.start_bytes + 60 * MB
     # The peak above is read after the block was freed: remembered. Whether the allocator returns those pages
