@@ -7,8 +7,8 @@ its first token is a near tie: "The" leads "L" (the start of "L'Étoile, ...") b
 quantized model whose logits move by more than that may start the other answer, so whether `chat` says Paris
 depends on how a CPU's int8 kernels round. This prints, for the float model (the GGUF dequantized) and for
 cpu-target exports of it (the default, int8 compute everywhere, float compute everywhere), the top three
-first tokens with their logits and the float leader's margin over the runner-up, and names the CPU's vector
-extensions, since ONNX Runtime picks its int8 kernels by them.
+first tokens with their logits and the float leader's margin over the runner-up, and names the CPU and its vector
+extensions (`runtime.bench.machine_info`), since ONNX Runtime picks its int8 kernels by them.
 """
 
 from __future__ import annotations
@@ -30,16 +30,6 @@ VARIANTS = {  # name -> (what it is, the cpu target's ExportOptions fields)
 }
 
 
-def cpu_extensions() -> list[str]:
-    """The CPU's AVX-512, AVX-VNNI and AMX flags, or AVX2 alone: what ONNX Runtime's MLAS dispatches on."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next(line for line in lines if line.startswith("flags")).split(":")[1].split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni")) or f == "avx2")
-
-
 def top_tokens(logits: np.ndarray, tokenizer, leader: int, runner_up: int) -> dict:
     top = np.argsort(-logits)[:3]
     return {"top3": [[tokenizer.decode([int(t)]), float(logits[t])] for t in top],
@@ -58,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from ondevice_llama.loading import default_checkpoint_path, open_checkpoint
     from ondevice_llama.model.reference import load_reference
     from ondevice_llama.runtime import ExportedModel
+    from ondevice_llama.runtime.bench import machine_info
 
     checkpoint = open_checkpoint(default_checkpoint_path().resolve())
     ids = format_chat(checkpoint.tokenizer, [{"role": "user", "content": PROMPT}], checkpoint.special_tokens,
@@ -76,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = {"description": description, "options": options,
                           **top_tokens(logits, checkpoint.tokenizer, leader, runner_up)}
     names = checkpoint.tokenizer.decode([leader]), checkpoint.tokenizer.decode([runner_up])
+    machine = machine_info()
     print(f"first answer token of {PROMPT!r}; margin = logit({names[0]!r}) - logit({names[1]!r}); "
-          f"CPU: {' '.join(cpu_extensions()) or 'unknown'}")
+          f"CPU: {machine.get('cpu_model', '?')}, {' '.join(machine.get('cpu_extensions', [])) or 'no AVX2'}")
     for name, row in rows.items():
         top = ", ".join(f"{token!r} {logit:.3f}" for token, logit in row["top3"])
         print(f"{name:18s} margin {row['margin']:+.3f}   {top}")
     data = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "prompt": PROMPT,
-            "cpu_extensions": cpu_extensions(), "leader": names[0], "runner_up": names[1], "rows": rows}
+            "machine": machine, "leader": names[0], "runner_up": names[1], "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return 0

@@ -55,16 +55,30 @@ def machine_info() -> dict[str, Any]:
         info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info.update(_cpuinfo())
     import numpy
     import onnxruntime
 
     info["onnxruntime"] = onnxruntime.__version__
     info["numpy"] = numpy.__version__
+    return info
+
+
+def _cpuinfo() -> dict[str, Any]:
+    """The CPU's model and its AVX2, AVX-512, AVX-VNNI and AMX flags: ONNX Runtime picks its kernels by them,
+    so the same export's speed, and even its near-tie answers, differ between CPUs."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first CPU's; all are alike
+    except OSError:
+        return {}
+    info: dict[str, Any] = {"cpu_model": fields["model name"]} if "model name" in fields else {}
+    if "flags" in fields:
+        info["cpu_extensions"] = sorted(f for f in fields["flags"].split()
+                                        if f.startswith(("avx512", "amx", "avx_vnni")) or f == "avx2")
     return info
 
 
