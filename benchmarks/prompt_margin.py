@@ -4,11 +4,14 @@
 
 The default model answers "What is the capital of France?" with "The capital of France is Paris." in float, but
 its first token is a near tie: "The" leads "L" (the start of "L'Étoile, ...") by under a tenth of a logit. A
-quantized model whose logits move by more than that may start the other answer, so whether `chat` says Paris
-depends on how a CPU's int8 kernels round. This prints, for the float model (the GGUF dequantized) and for
-cpu-target exports of it (the default, int8 compute everywhere, float compute everywhere), the top three
-first tokens with their logits and the float leader's margin over the runner-up, and names the CPU and its vector
-extensions (`runtime.bench.machine_info`), since ONNX Runtime picks its int8 kernels by them.
+quantized model whose logits move by more than that may start the other answer, so with int8 activations whether
+`chat` says Paris depends on how a CPU's int8 kernels round. This prints, for the float model (the GGUF
+dequantized) and for cpu-target exports of it (the default, whose prompts run on a float prefill graph; prompts
+in int8, the default before that graph; int8 everywhere; float everywhere), the top three first tokens with their
+logits and the float leader's margin over the runner-up, the greedy reply with the smallest margin among its
+decoded tokens, and names the CPU and its vector extensions
+(`runtime.bench.machine_info`), since ONNX Runtime picks its int8 kernels by them. Machines differ, so the JSON
+keeps one run per CPU (model and extensions), replacing only this CPU's.
 """
 
 from __future__ import annotations
@@ -23,9 +26,13 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prompt_margin.json"
 PROMPT = "What is the capital of France?"
+REPLY_TOKENS = 16
 VARIANTS = {  # name -> (what it is, the cpu target's ExportOptions fields)
-    "default": ("w4 affine (Q4_1 exact), int8 compute, down_proj in float", {}),
-    "int8_everywhere": ("w4 affine, int8 compute everywhere", dict(cpu_float_down_proj=False)),
+    "default": ("w4 affine (Q4_1 exact), prompts in float (prefill graph), decode int8 with down_proj in float", {}),
+    "int8_prompt": ("the same with prompts in int8 too (--prefill-accuracy-level 4; the default before 2026-12-02)",
+                    dict(prefill_accuracy_level=4)),
+    "int8_everywhere": ("w4 affine, int8 compute everywhere",
+                        dict(prefill_accuracy_level=4, cpu_float_down_proj=False)),
     "float_everywhere": ("w4 affine, float compute everywhere (accuracy level 0)", dict(accuracy_level=0)),
 }
 
@@ -34,6 +41,21 @@ def top_tokens(logits: np.ndarray, tokenizer, leader: int, runner_up: int) -> di
     top = np.argsort(-logits)[:3]
     return {"top3": [[tokenizer.decode([int(t)]), float(logits[t])] for t in top],
             "margin": float(logits[leader] - logits[runner_up])}
+
+
+def greedy_reply(model, logits: np.ndarray, cache, eos_ids) -> dict:
+    """The greedy reply from the prompt's `logits` on, and each decoded token's margin over its runner-up."""
+    tokens, margins = [], []
+    while len(tokens) < REPLY_TOKENS:
+        top = np.argsort(-logits)[:2]
+        tokens.append(int(top[0]))
+        if len(tokens) > 1:
+            margins.append(float(logits[top[0]] - logits[top[1]]))
+        if tokens[-1] in eos_ids:
+            break
+        logits = np.asarray(model.decode(tokens[-1], cache))
+    return {"reply": model.tokenizer.decode(tokens, skip_special_tokens=True),
+            "smallest_decode_margin": min(margins)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,21 +85,34 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(tmp) / name
             export_model(checkpoint, folder, ExportOptions(target="cpu", **options), progress=False)
             model = ExportedModel(folder, threads=2)
-            logits = np.asarray(model.prefill(ids, model.new_cache())).reshape(-1, float_logits.shape[-1])[-1]
+            cache = model.new_cache()
+            logits = np.asarray(model.prefill(ids, cache)).reshape(-1, float_logits.shape[-1])[-1]
             rows[name] = {"description": description, "options": options,
-                          **top_tokens(logits, checkpoint.tokenizer, leader, runner_up)}
+                          **top_tokens(logits, checkpoint.tokenizer, leader, runner_up),
+                          **greedy_reply(model, logits, cache, checkpoint.special_tokens.eos_ids)}
     names = checkpoint.tokenizer.decode([leader]), checkpoint.tokenizer.decode([runner_up])
     machine = machine_info()
     print(f"first answer token of {PROMPT!r}; margin = logit({names[0]!r}) - logit({names[1]!r}); "
           f"CPU: {machine.get('cpu_model', '?')}, {' '.join(machine.get('cpu_extensions', [])) or 'no AVX2'}")
     for name, row in rows.items():
         top = ", ".join(f"{token!r} {logit:.3f}" for token, logit in row["top3"])
-        print(f"{name:18s} margin {row['margin']:+.3f}   {top}")
-    data = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "prompt": PROMPT,
-            "machine": machine, "leader": names[0], "runner_up": names[1], "rows": rows}
+        reply = (f"   reply {row['reply'][:36]!r} (decode margins >= {row['smallest_decode_margin']:.2f})"
+                 if "reply" in row else "")
+        print(f"{name:18s} margin {row['margin']:+.3f}   {top}{reply}")
+    run = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine, "rows": rows}
+    data = {"prompt": PROMPT, "leader": names[0], "runner_up": names[1], "runs": _other_cpus(args.out, machine) + [run]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return 0
+
+
+def _other_cpus(path: Path, machine: dict) -> list[dict]:
+    """The runs already in `path` made on other CPUs."""
+    def cpu(m: dict) -> tuple:
+        return m.get("cpu_model"), tuple(m.get("cpu_extensions", []))
+
+    runs = json.loads(path.read_text()).get("runs", []) if path.exists() else []
+    return [r for r in runs if cpu(r["machine"]) != cpu(machine)]
 
 
 if __name__ == "__main__":

@@ -84,6 +84,37 @@ def test_int8_activations_stay_close_to_the_simulated_model(tiny_checkpoints, tm
     assert 0 < error < 0.05
 
 
+def _accuracy_levels(folder, kind: str) -> set[int]:
+    graph = onnx.load(folder / f"{kind}_part1.onnx", load_external_data=False).graph
+    return {a.i for n in graph.node if n.op_type == "MatMulNBits" and not n.name.endswith("down_proj/MatMulNBits")
+            for a in n.attribute if a.name == "accuracy_level"}
+
+
+def test_prompts_compute_in_float_on_their_own_graph(tiny_checkpoints, tmp_path):
+    """By default a prompt runs on the prefill graph, in float: its logits are an all-float export's (the 8-bit
+    head as two 4-bit halves included), while decode steps run on the int8 decoder; --prefill-accuracy-level 4
+    leaves the decoder alone."""
+    checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
+    for name, extra in (("default", {}), ("float", dict(accuracy_level=0)), ("one", dict(prefill_accuracy_level=4))):
+        export_model(checkpoint, tmp_path / name, ExportOptions(context_length=C, target="cpu", **extra),
+                     progress=False)
+    assert _accuracy_levels(tmp_path / "default", "decoder") == {4}
+    assert _accuracy_levels(tmp_path / "default", "prefill") == {0}
+    assert sorted(p.name for p in (tmp_path / "one").glob("*.onnx")) == ["decoder_part1.onnx"]
+    assert sorted(p.name for p in (tmp_path / "float").glob("*.onnx")) == ["decoder_part1.onnx"]
+    tokens = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(8)).tolist()
+    default, float_model = ExportedModel(tmp_path / "default"), ExportedModel(tmp_path / "float")
+    assert default.manifest.extra["prefill_accuracy_level"] == 0
+    caches = default.new_cache(), float_model.new_cache()
+    assert relative_error(default.prefill(tokens[:21], caches[0]), float_model.prefill(tokens[:21], caches[1])) < 1e-5
+    decoded = [np.stack([m.decode(t, cache) for t in tokens[21:]])
+               for m, cache in zip((default, float_model), caches, strict=True)]
+    assert 0 < relative_error(decoded[0], decoded[1]) < 0.05
+    one = ExportedModel(tmp_path / "one")
+    assert relative_error(one.prefill(tokens[:21], one.new_cache()), float_model.prefill(tokens[:21],
+                                                                                         float_model.new_cache())) > 0
+
+
 def test_tied_embedding_is_stored_once(tiny_checkpoints, tmp_path):
     """The embedding lookup reads the LM head's packed 8-bit weight: no float [V, H] table on disk."""
     checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])

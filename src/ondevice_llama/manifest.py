@@ -18,8 +18,11 @@ FORMAT = "ondevice-llama-export"
 # 2: Genie's graph I/O names and shapes, integer KV codes, the attention sink inside the graphs; every file's size
 # and sha256
 FORMAT_VERSION = 2
-GRAPH_KINDS = ("prompt_processor", "token_generator")
-TARGET_GRAPHS = {"npu": set(GRAPH_KINDS), "cpu": {"decoder"}}
+PROMPT_PROCESSOR, TOKEN_GENERATOR = "prompt_processor", "token_generator"
+GRAPH_KINDS = (PROMPT_PROCESSOR, TOKEN_GENERATOR)  # the npu target's, in the order a part runs and links them
+DECODER, PREFILL = "decoder", "prefill"
+# cpu: a decoder for everything, and a prefill graph for prompts where they compute at another accuracy level
+TARGET_GRAPHS = {"npu": (set(GRAPH_KINDS),), "cpu": ({DECODER}, {DECODER, PREFILL})}
 
 
 class ManifestError(FileError):
@@ -229,9 +232,10 @@ def _check_structure(m: Manifest) -> None:
         if part.index != i or part.first_layer != end or part.end_layer <= part.first_layer:
             raise ValueError(f"part {i} (index {part.index}, layers {part.first_layer}..{part.end_layer}) does "
                              f"not follow the part before it")
-        if set(part.graphs) != TARGET_GRAPHS[m.target]:
+        if set(part.graphs) not in TARGET_GRAPHS[m.target] or set(part.graphs) != set(m.parts[0].graphs):
             raise ValueError(f"part {i} has graphs {sorted(part.graphs)}, the {m.target} target needs "
-                             f"{sorted(TARGET_GRAPHS[m.target])}")
+                             f"{' or '.join(str(sorted(kinds)) for kinds in TARGET_GRAPHS[m.target])}, the same "
+                             f"in every part")
         for kind, graph in part.graphs.items():
             _check_graph_lengths(m, kind, graph)
         end = part.end_layer
@@ -244,8 +248,8 @@ def _check_graph_lengths(m: Manifest, kind: str, graph: GraphManifest) -> None:
     if tokens is not None and graph.sequence_length != tokens:
         raise ValueError(f"{graph.file} takes {graph.sequence_length} tokens, the manifest says {tokens}")
     for spec in graph.inputs:  # the inputs whose shape holds the context length
-        axis = -1 if spec.name == "attention_mask" else 2 if kind == "decoder" and spec.name.startswith("past_") \
-            else None
+        cpu_cache = kind in (DECODER, PREFILL) and spec.name.startswith("past_")
+        axis = -1 if spec.name == "attention_mask" else 2 if cpu_cache else None
         if axis is not None and (len(spec.shape) < 3 or spec.shape[axis] != m.context_length):
             raise ValueError(f"{graph.file} was built for another context length than {m.context_length} "
                              f"({spec.name} {list(spec.shape)})")

@@ -98,6 +98,10 @@ def _add_export_options(p: argparse.ArgumentParser, default_target: str) -> None
                    help="npu w4a16/w8a16: bits of the KV cache entries (default 16)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=(0, 1, 2, 3, 4),
                    help="cpu target: MatMulNBits compute type, 4 = int8 (fastest), 0 = float (default 4)")
+    p.add_argument("--prefill-accuracy-level", type=int, default=None, choices=(0, 1, 2, 3, 4),
+                   help="cpu target: the compute type of prompts; where it differs from --accuracy-level, each part "
+                        "has a second graph for them, with its own prepacked weights (default: 0 = float, so the "
+                        "first answer token is the float model's on any CPU; for 7B-class models --accuracy-level)")
     p.add_argument("--cpu-weights", choices=MODES, default="affine",
                    help="cpu target: the projections' 4/8-bit weight grid: affine (a float minimum per block, Q4_1's "
                         "grid, exact for Q4_1 files), asymmetric (integer zero points) or symmetric (default affine)")
@@ -126,7 +130,8 @@ def _export_options(args: argparse.Namespace, all_logits: bool = False):
     return ExportOptions(num_parts=args.num_parts, sequence_length=args.sequence_length,
                          context_length=args.context_length, use_conv=args.conv, all_logits=all_logits,
                          target=args.target, precision=args.precision, block_size=args.block_size,
-                         accuracy_level=args.accuracy_level, cpu_weights=args.cpu_weights,
+                         accuracy_level=args.accuracy_level, prefill_accuracy_level=args.prefill_accuracy_level,
+                         cpu_weights=args.cpu_weights,
                          cpu_float_down_proj=not args.int8_down_proj, algorithm=args.algorithm, rotation=args.rotation,
                          recipe=args.recipe,
                          calibration_file=args.calibration_file, quantized=args.quantized, kv_bits=args.kv_bits)

@@ -33,12 +33,19 @@ from tqdm import tqdm
 from .. import qnn
 from ..export.part_size import CONTEXT_OVERHEAD
 from ..files import fingerprint, folder_lock, replace_folder, sha256_file
-from ..manifest import MANIFEST_FILE, Manifest, PartManifest, load_manifest, verify_checksums, with_file_records
+from ..manifest import (
+    GRAPH_KINDS,
+    MANIFEST_FILE,
+    Manifest,
+    PartManifest,
+    load_manifest,
+    verify_checksums,
+    with_file_records,
+)
 from ..memory import PeakRssSampler, available_bytes, release_free_memory
 from ..staging import StagedParts, staging_folder
 from . import genie, graph_names
 
-GRAPH_KINDS = ("prompt_processor", "token_generator")
 FORMAT = "qnn-context-binary"
 SIMULATOR_FOLDER = "simulator"  # the same graphs, a context binary each: what the x86_64 HTP simulator can load
 # HTP prepare seconds on this 2-core machine per graph node and per GB of weights, fitted to the default model and

@@ -22,6 +22,9 @@ from .graph import CONTRIB, Graph
 from .llama_graph import LayerTensors, PartSpec
 
 F32 = np.float32
+# MatMulNBits accuracy_level (its compute type): 4 quantizes activations to int8 (ONNX Runtime's fastest CPU
+# kernels); 0 keeps them float
+INT8_COMPUTE, FLOAT_COMPUTE = 4, 0
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -32,7 +35,7 @@ class CpuGraphOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     mode: str = "affine"  # projections: symmetric | asymmetric | affine (see quantization.quantizers)
     head_bits: int | None = 8  # embedding and LM head, always symmetric
-    accuracy_level: int = 4  # MatMulNBits: 4 computes in int8 (fastest), 0 in float
+    accuracy_level: int = INT8_COMPUTE
     # down_proj reads silu(gate) * up, where LLM activation outliers concentrate; int8 there costs the most accuracy
     float_down_proj: bool = True
     all_logits: bool = False
@@ -82,6 +85,14 @@ def pack_nbits(weight: np.ndarray, bits: int, block_size: int, mode: str) -> Pac
     if bits == 4:
         blocks = blocks[..., 0::2] | (blocks[..., 1::2] << 4)
     return PackedWeight(np.ascontiguousarray(blocks), q.scales, zero_points, offsets)
+
+
+def _nibble_tables(head: PackedWeight) -> list[np.ndarray]:
+    """An 8-bit packed table's high and low nibbles as 4-bit MatMulNBits tables, and zero points 0 for the low."""
+    u = head.blocks
+    high, low = u >> 4, u & 15
+    zero = np.zeros((u.shape[0], (u.shape[1] + 1) // 2), np.uint8)
+    return [np.ascontiguousarray(n[..., 0::2] | (n[..., 1::2] << 4)) for n in (high, low)] + [zero]
 
 
 class CpuPartBuilder:
@@ -149,19 +160,47 @@ class CpuPartBuilder:
     def _packed_table(self, name: str) -> list[str]:
         """Packed weight and scales of the LM head or the embedding, symmetric so GatherBlockQuantized can read
         them; a tied LM head is the embedding."""
+        packed = self._lazy_table(name, lambda head: [head.blocks, head.scales])
+        return [self.g.weight(f"{name}.weight_q{self.o.head_bits}", packed(0)),
+                self.g.weight(f"{name}.scales", packed(1))]
+
+    def _lazy_table(self, name: str, fields: Callable[[PackedWeight], list[np.ndarray]]
+                    ) -> Callable[[int], Callable[[], np.ndarray]]:
+        """Producers of `fields` of the packed table `name`, which is packed once, when the first one runs."""
         source = "embed_tokens" if name == "lm_head" and self.c.tie_word_embeddings else name
-        packed: list[np.ndarray] = []
+        arrays: list[np.ndarray] = []
 
         def produce(i: int) -> Callable[[], np.ndarray]:
             def run() -> np.ndarray:
-                if not packed:
-                    head = pack_nbits(self.t.get(source), self.o.head_bits, self.o.block_size, "symmetric")
-                    packed.extend((head.blocks, head.scales))
-                return packed[i]
+                if not arrays:
+                    arrays.extend(fields(pack_nbits(self.t.get(source), self.o.head_bits, self.o.block_size,
+                                                    "symmetric")))
+                return arrays[i]
             return run
 
-        return [self.g.weight(f"{name}.weight_q{self.o.head_bits}", produce(0)),
-                self.g.weight(f"{name}.scales", produce(1))]
+        return produce
+
+    def make_lm_head(self, h: str) -> str:
+        """The quantized LM head. MatMulNBits has no float kernel for 8 bits (it dequantizes the whole table on
+        every call, 0.1 s for the default model's), so in float an 8-bit head runs as the two 4-bit halves of its
+        codes, which it has: with u = q + 128, q * s = 16 * ((u >> 4) - 8) * s + (u & 15) * s, exactly.
+
+        h ─┬─ MatMulNBits(u >> 4, s; zero point 8) ── Mul 16 ── Add ─►
+           └─ MatMulNBits(u & 15, s; zero point 0) ────────────┘
+        """
+        g, c, o = self.g, self.c, self.o
+        name = f"{self.prefix}/lm_head"
+        codes, scales = self._packed_table("lm_head")
+        attrs = dict(domain=CONTRIB, K=c.hidden_size, N=c.vocab_size, block_size=o.block_size,
+                     accuracy_level=o.accuracy_level)
+        if o.head_bits != 8 or o.accuracy_level == INT8_COMPUTE:
+            return g.make_node("MatMulNBits", [h, codes, scales], f"{name}/MatMulNBits", bits=o.head_bits, **attrs)
+        halves = self._lazy_table("lm_head", _nibble_tables)
+        high, low, zero = (g.weight(f"lm_head.weight_q8_{half}", halves(i))
+                           for i, half in enumerate(("high4", "low4", "low4_zero_points")))
+        high = g.make_node("MatMulNBits", [h, high, scales], f"{name}/high/MatMulNBits", bits=4, **attrs)
+        low = g.make_node("MatMulNBits", [h, low, scales, zero], f"{name}/low/MatMulNBits", bits=4, **attrs)
+        return g.make_add(name, g.make_mul(f"{name}/high", high, g.constant(16.0, F32)), low)
 
     def make_rms_norm(self, name: str, x: str, weight: str, skip: str | None) -> tuple[str, str]:
         """RMSNorm of x (+ skip, the residual): returns (normalized, the sum that is the new residual)."""
@@ -240,15 +279,11 @@ class CpuPartBuilder:
             if not o.all_logits:
                 h = g.make_node("Slice", [h, g.constant([-1]), g.constant([INT64_MAX]), g.constant([1])],
                                 f"{self.prefix}/last_position/Slice")
-            head = self._packed_table("lm_head") if o.head_bits else None
-            if head is None:
+            if o.head_bits is None:
                 logits = self.make_linear(f"{self.prefix}/lm_head", h, ("embed_tokens" if c.tie_word_embeddings
                                                                         else "lm_head",), None, "lm_head")
             else:
-                inputs = [h, *head]
-                logits = g.make_node("MatMulNBits", inputs, f"{self.prefix}/lm_head/MatMulNBits", domain=CONTRIB,
-                                     K=hidden, N=c.vocab_size, bits=o.head_bits, block_size=o.block_size,
-                                     accuracy_level=o.accuracy_level)
+                logits = self.make_lm_head(h)
             g.add_output(logits, "logits", F32, [1, "positions", c.vocab_size])
         else:
             g.add_output(g.make_add(f"{self.prefix}/hidden_out", pending, residual), "hidden_out", F32,

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config import LlamaConfig
 from ..loading import Checkpoint
 from ..loading.names import num_parameters
+from ..manifest import DECODER, PREFILL
 from ..quantization.quantizers import MODES
 from ..quantization.recipe import (
     BLOCK_SIZES_TEXT,
@@ -26,7 +27,7 @@ from ..quantization.recipe import (
     method_options,
     rotation_option,
 )
-from .cpu_graph import CpuGraphOptions
+from .cpu_graph import FLOAT_COMPUTE, INT8_COMPUTE, CpuGraphOptions
 from .llama_graph import GraphOptions, PartSpec
 from .part_size import check_parts_fit, parts_that_fit, storage_of
 
@@ -43,7 +44,12 @@ class ExportOptions:
     target: str = "npu"  # "npu": static-shape SHA graphs; "cpu": fused ORT contrib ops, dynamic length
     precision: str | None = None  # None: the target's default (npu: w4a16, cpu: w4)
     block_size: int | None = DEFAULT_BLOCK_SIZE  # weight quantization block; None: per output channel (npu target only)
-    accuracy_level: int = 4  # cpu target: MatMulNBits compute type (4: int8, fastest; 0: float)
+    accuracy_level: int = INT8_COMPUTE  # cpu target: MatMulNBits compute type (4: int8, fastest; 0: float)
+    # cpu target: the compute type of prompts; where it differs from accuracy_level, a part has a second graph,
+    # "prefill", for them. Float prompts make the first answer token the float model's (int8 activations moved the
+    # README prompt's near tie by up to 0.3 logits, differently per CPU) at little prefill cost, but the second
+    # graph holds its own prepacked weights. None: float below 7B-class, accuracy_level for 7B-class models.
+    prefill_accuracy_level: int | None = None
     cpu_weights: str = "affine"  # cpu target: projection weights' mode (quantizers.MODES; affine is Q4_1's grid)
     cpu_float_down_proj: bool = True  # cpu target: down_proj computes in float whatever the accuracy level
     algorithm: str | None = None  # npu quantized precisions: rtn | gptq (None: the recipe's default)
@@ -111,6 +117,8 @@ def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOption
         raise ValueError(f"--cpu-weights: must be one of {', '.join(MODES)}, got {options.cpu_weights!r}")
     if options.target != "cpu" and options.cpu_weights != "affine":
         raise ValueError("--cpu-weights: applies to the cpu target (npu weights follow --precision and the recipe)")
+    if options.target != "cpu" and options.prefill_accuracy_level is not None:
+        raise ValueError("--prefill-accuracy-level: applies to the cpu target (its MatMulNBits compute type)")
     if options.target != "cpu" and not options.cpu_float_down_proj:
         raise ValueError("--int8-down-proj: applies to the cpu target (its MatMulNBits compute type)")
     parts = default_num_parts(config) if options.num_parts is None else options.num_parts
@@ -127,7 +135,11 @@ def resolve_options(config: LlamaConfig, options: ExportOptions) -> ExportOption
                          f"{config.max_position_embeddings}")
     plan_parts(config.num_layers, parts)  # checks the part count
     all_logits = options.all_logits or options.target == "npu"  # Genie reads the last real row of a chunk
-    return replace(options, num_parts=parts, context_length=context, precision=precision, all_logits=all_logits)
+    prefill = options.prefill_accuracy_level
+    if prefill is None and options.target == "cpu":
+        prefill = options.accuracy_level if num_parameters(config) >= SEVEN_B_PARAMETERS else FLOAT_COMPUTE
+    return replace(options, num_parts=parts, context_length=context, precision=precision, all_logits=all_logits,
+                   prefill_accuracy_level=prefill)
 
 
 def fit_parts(config: LlamaConfig, options: ExportOptions, recipe: Recipe | None, requested: int | None
@@ -158,8 +170,8 @@ def export_recipe(options: ExportOptions) -> Recipe | None:
 
 
 def graph_passes(options: ExportOptions) -> int:
-    """How many times the builder walks every layer (for the progress bar)."""
-    return 1 if options.target == "cpu" else 2
+    """How many times the builder walks every layer (for the progress bar): once per graph kind."""
+    return len(graph_options(options))
 
 
 @dataclass(frozen=True)
@@ -179,11 +191,12 @@ class ExportPlan:
     @property
     def manifest_extra(self) -> dict:
         """The manifest's record of the cpu target's weight format."""
-        cpu = self.graphs.get("decoder")
+        cpu = self.graphs.get(DECODER)
         if cpu is None or cpu.bits is None:
             return {}
-        return {"block_size": cpu.block_size, "accuracy_level": cpu.accuracy_level, "weight_mode": cpu.mode,
-                "head_bits": cpu.head_bits}
+        prefill = self.graphs.get(PREFILL, cpu)
+        return {"block_size": cpu.block_size, "accuracy_level": cpu.accuracy_level,
+                "prefill_accuracy_level": prefill.accuracy_level, "weight_mode": cpu.mode, "head_bits": cpu.head_bits}
 
 
 def graph_options(options: ExportOptions) -> dict[str, GraphOptions | CpuGraphOptions]:
@@ -191,11 +204,12 @@ def graph_options(options: ExportOptions) -> dict[str, GraphOptions | CpuGraphOp
     which the quantized checkpoint supplies)."""
     if options.target == "cpu":
         bits = None if options.precision in FLOAT_PRECISIONS else PRECISIONS[options.precision][0]
-        return {"decoder": CpuGraphOptions(options.context_length, bits, options.block_size, mode=options.cpu_weights,
-                                           head_bits=None if bits is None else 8,
-                                           accuracy_level=options.accuracy_level,
-                                           float_down_proj=options.cpu_float_down_proj,
-                                           all_logits=options.all_logits)}
+        decoder = CpuGraphOptions(options.context_length, bits, options.block_size, mode=options.cpu_weights,
+                                  head_bits=None if bits is None else 8, accuracy_level=options.accuracy_level,
+                                  float_down_proj=options.cpu_float_down_proj, all_logits=options.all_logits)
+        if bits is None or options.prefill_accuracy_level == options.accuracy_level:
+            return {DECODER: decoder}
+        return {DECODER: decoder, PREFILL: replace(decoder, accuracy_level=options.prefill_accuracy_level)}
     return {kind: GraphOptions(n, options.context_length, options.use_conv, None,
                                fp16_weights=options.precision == "fp16")
             for kind, n in (("prompt_processor", options.sequence_length), ("token_generator", 1))}

@@ -123,14 +123,16 @@ class PartClock:
 
 
 class _TimedSession:
-    """Stands in for an InferenceSession: times `method`, passes everything else through."""
+    """Stands in for an InferenceSession: times its runs, passes everything else through."""
 
-    def __init__(self, session, method: str, part: int, clock: PartClock):
-        self._session, self._method, self._part, self._clock = session, method, part, clock
+    METHODS = ("run", "run_with_iobinding")
+
+    def __init__(self, session, part: int, clock: PartClock):
+        self._session, self._part, self._clock = session, part, clock
 
     def __getattr__(self, name: str):
         attr = getattr(self._session, name)
-        if name != self._method:
+        if name not in self.METHODS:
             return attr
 
         def timed(*args, **kwargs):
@@ -146,16 +148,13 @@ class _TimedSession:
 
 @contextmanager
 def timed_parts(engine) -> Iterator[PartClock]:
-    """Wrap every session of `engine` (CpuEngine: a list, `run_with_iobinding`; NpuEngine: a dict of lists per
-    graph kind, `run`) in a timing proxy for the duration; the engine's code is left as it is."""
-    if isinstance(engine.sessions, dict):
-        lists, method = list(engine.sessions.values()), "run"
-    else:
-        lists, method = [engine.sessions], "run_with_iobinding"
+    """Wrap every session of `engine` (a list per graph kind, one session per part) in a timing proxy for the
+    duration; the engine's code is left as it is."""
+    lists = list(engine.sessions.values())
     clock = PartClock(len(lists[0]))
     originals = [list(sessions) for sessions in lists]
     for sessions in lists:
-        sessions[:] = [_TimedSession(s, method, i, clock) for i, s in enumerate(sessions)]
+        sessions[:] = [_TimedSession(s, i, clock) for i, s in enumerate(sessions)]
     try:
         yield clock
     finally:

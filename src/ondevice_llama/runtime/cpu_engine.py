@@ -1,7 +1,8 @@
-"""The CPU target's engine: one dynamic-length decoder graph per part, KV cache updated in place.
+"""The CPU target's engine: dynamic-length decoder graphs, KV cache updated in place.
 
 GroupQueryAttention reads and writes one context-long BNSH buffer per layer when its past and present
-are bound to the same OrtValue, so a decode step copies no cache at all.
+are bound to the same OrtValue, so a decode step copies no cache at all. A part may have a second graph for
+prompts (`prefill`, the same graph computing in float): it binds the same buffers.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..adapt import layout
-from ..manifest import Manifest
-
-DECODER = "decoder"
+from ..manifest import DECODER, PREFILL, Manifest
 
 
 class CpuKVCache:
@@ -24,7 +23,7 @@ class CpuKVCache:
         self.keys = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays[0::2]]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays[1::2]]
         self.length = 0
-        self.bindings: list[ort.IOBinding] | None = None  # made by the engine on first use
+        self.bindings: dict[str, list[ort.IOBinding]] = {}  # graph kind -> one per part, made on first use
 
     def advance(self, valid: int) -> None:
         self.length += valid
@@ -38,35 +37,37 @@ class CpuEngine:
     def __init__(self, folder: Path, manifest: Manifest, open_session: Callable[..., ort.InferenceSession]):
         """`open_session(path, graph_manifest)`: a session for one graph, checked against its manifest entry."""
         self.manifest = manifest
-        self.sessions = [open_session(folder / part.graphs[DECODER].file, part.graphs[DECODER])
-                         for part in manifest.parts]
+        self.sessions = {kind: [open_session(folder / part.graphs[kind].file, part.graphs[kind])
+                                for part in manifest.parts] for kind in manifest.parts[0].graphs}
 
     def new_cache(self) -> CpuKVCache:
         c = self.manifest.config
         return CpuKVCache(c.num_layers, (1, c.num_kv_heads, self.manifest.context_length, c.head_dim))
 
-    def _bindings(self, cache: CpuKVCache) -> list[ort.IOBinding]:
-        """One IOBinding per part with the cache bound once; each step rebinds only the small inputs."""
-        if cache.bindings is None:
-            cache.bindings = []
-            for part, session in zip(self.manifest.parts, self.sessions, strict=True):
+    def _bindings(self, kind: str, cache: CpuKVCache) -> list[ort.IOBinding]:
+        """One IOBinding per part and graph kind with the cache bound once; each run rebinds only the small
+        inputs."""
+        if kind not in cache.bindings:
+            cache.bindings[kind] = []
+            for part, session in zip(self.manifest.parts, self.sessions[kind], strict=True):
                 binding = session.io_binding()
                 for layer in part.layers:
                     binding.bind_ortvalue_input(layout.past_key_name(layer), cache.keys[layer])
                     binding.bind_ortvalue_output(layout.present_key_name(layer), cache.keys[layer])
                     binding.bind_ortvalue_input(layout.past_value_name(layer), cache.values[layer])
                     binding.bind_ortvalue_output(layout.present_value_name(layer), cache.values[layer])
-                cache.bindings.append(binding)
-        return cache.bindings
+                cache.bindings[kind].append(binding)
+        return cache.bindings[kind]
 
-    def step(self, tokens: list[int], cache: CpuKVCache) -> np.ndarray:
-        """Any number of tokens in one run of each part; returns logits [positions, vocab]."""
+    def run(self, kind: str, tokens: list[int], cache: CpuKVCache) -> np.ndarray:
+        """Any number of tokens in one run of each part's `kind` graph; returns logits [positions, vocab]."""
         total = cache.length + len(tokens)
         seqlens_k = np.array([total - 1], np.int32)
         total_length = np.array(total, np.int32)
         hidden: np.ndarray = np.array([tokens], np.int64)
         last = len(self.manifest.parts) - 1
-        for part, session, binding in zip(self.manifest.parts, self.sessions, self._bindings(cache), strict=True):
+        for part, session, binding in zip(self.manifest.parts, self.sessions[kind], self._bindings(kind, cache),
+                                          strict=True):
             binding.bind_cpu_input("input_ids" if part.index == 0 else "hidden_in", hidden)
             binding.bind_cpu_input("seqlens_k", seqlens_k)
             binding.bind_cpu_input("total_sequence_length", total_length)
@@ -76,5 +77,11 @@ class CpuEngine:
         cache.advance(len(tokens))
         return hidden[0]
 
-    prefill = step  # the dynamic graph takes the whole prompt at once
-    all_logits = step  # ... and returns every position's logits when exported with them
+    def step(self, tokens: list[int], cache: CpuKVCache) -> np.ndarray:
+        return self.run(DECODER, tokens, cache)
+
+    def prefill(self, tokens: list[int], cache: CpuKVCache) -> np.ndarray:
+        """The whole prompt at once, on the prefill graphs where the export has them."""
+        return self.run(PREFILL if PREFILL in self.sessions else DECODER, tokens, cache)
+
+    all_logits = step  # the decoder returns every position's logits when exported with them

@@ -15,12 +15,8 @@ import numpy as np
 from ..adapt import layout
 from ..adapt.mask import chunk_mask
 from ..adapt.rope import rope_tables
-from ..manifest import GraphManifest, Manifest
+from ..manifest import GRAPH_KINDS, PROMPT_PROCESSOR, TOKEN_GENERATOR, GraphManifest, Manifest
 from .kv_cache import KVCache
-
-PROMPT_PROCESSOR = "prompt_processor"
-TOKEN_GENERATOR = "token_generator"
-GRAPH_KINDS = (PROMPT_PROCESSOR, TOKEN_GENERATOR)
 
 
 class ContextFullError(RuntimeError):
