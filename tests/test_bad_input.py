@@ -698,6 +698,18 @@ def _(good, tmp, patch):
     return ["evaluate", "--model", str(cpu), "--text", str(good.text), "--quiet"], str(cpu)
 
 
+@case("export-cpu-prefill-graph-in-one-part-only")
+def _(good, tmp, patch):
+    """A cpu export whose parts disagree on having a prefill graph: the engine runs a prompt through every part."""
+    cpu = tmp / "cpu"
+    export_model(open_checkpoint(good.hf), cpu, ExportOptions(target="cpu", context_length=32, num_parts=2),
+                 progress=False)
+    path = cpu / "manifest.json"
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps(_part(m, 1, graphs={"decoder": m["parts"][1]["graphs"]["decoder"]})))
+    return chat_argv(cpu), str(path)
+
+
 # ---------------------------------------------------------------- text files
 
 def _text_case(raw: bytes | None, argv: Callable[[Good, Path], list[str]]) -> Callable:
@@ -809,6 +821,7 @@ OPTION_CASES = {
     "cpu-weights-nf4": (_export_with("--target", "cpu", "--cpu-weights", "nf4"), "--cpu-weights"),
     "cpu-weights-on-npu": (_export_with("--cpu-weights", "symmetric"), "--cpu-weights"),
     "int8-down-proj-on-npu": (_export_with("--int8-down-proj"), "--int8-down-proj"),
+    "prefill-accuracy-level-on-npu": (_export_with("--prefill-accuracy-level", "0"), "--prefill-accuracy-level"),
     "temperature-nan": (_chat_with("--temperature", "nan"), "--temperature"),
     "temperature-inf": (_chat_with("--temperature", "inf"), "--temperature"),
     "temperature-negative": (_chat_with("--temperature", "-1"), "--temperature"),
