@@ -1,4 +1,4 @@
-"""The CPU target: one dynamic-length decoder graph per part, in whatever form is fastest on ORT CPU.
+"""The CPU target: a dynamic-length decoder graph per part (and its float twin for prompts), fastest on ORT CPU.
 
 Unlike the NPU graph it uses ONNX Runtime's fused contrib operators: `MatMulNBits` for block-wise
 4/8-bit weights (fused Q/K/V and gate/up projections), `GroupQueryAttention` with rotary embedding
