@@ -7,9 +7,9 @@ its first token is a near tie: "The" leads "L" (the start of "L'Étoile, ...") b
 quantized model whose logits move by more than that may start the other answer, so with int8 activations whether
 `chat` says Paris depends on how a CPU's int8 kernels round. This prints, for the float model (the GGUF
 dequantized) and for cpu-target exports of it (the default, whose prompts run on a float prefill graph; prompts
-in int8, the default before that graph; int8 everywhere; float everywhere), the top three first tokens with their
-logits and the float leader's margin over the runner-up, the greedy reply with the smallest margin among its
-decoded tokens, and names the CPU and its vector extensions
+in int8, the default before that graph; decode all int8; int8 everywhere; float everywhere), the top three first
+tokens with their logits and the float leader's margin over the runner-up, the greedy reply with the smallest
+margin among its decoded tokens, and names the CPU and its vector extensions
 (`runtime.bench.machine_info`), since ONNX Runtime picks its int8 kernels by them. Machines differ, so the JSON
 keeps one run per CPU (model and extensions), replacing only this CPU's.
 """
@@ -31,6 +31,8 @@ VARIANTS = {  # name -> (what it is, the cpu target's ExportOptions fields)
     "default": ("w4 affine (Q4_1 exact), prompts in float (prefill graph), decode int8 with down_proj in float", {}),
     "int8_prompt": ("the same with prompts in int8 too (--prefill-accuracy-level 4; the default before 2026-12-02)",
                     dict(prefill_accuracy_level=4)),
+    "int8_down_proj": ("the default with down_proj in int8 too (--int8-down-proj): prompts in float, decode all int8",
+                       dict(cpu_float_down_proj=False)),
     "int8_everywhere": ("w4 affine, int8 compute everywhere",
                         dict(prefill_accuracy_level=4, cpu_float_down_proj=False)),
     "float_everywhere": ("w4 affine, float compute everywhere (accuracy level 0)", dict(accuracy_level=0)),
