@@ -7,11 +7,13 @@ import onnx
 import pytest
 import torch
 
+from ondevice_llama.config import LlamaConfig
 from ondevice_llama.export import ExportOptions, export_model
 from ondevice_llama.loading import open_checkpoint
 from ondevice_llama.loading.names import num_parameters
 from ondevice_llama.model import build_reference
 from ondevice_llama.runtime import ExportedModel, Generator, format_chat
+from ondevice_llama.runtime.cpu_engine import prefill_chunk_length
 
 from .simulate import FakeQuantSource, WeightScheme, fake_quantize, uniform_recipe
 from .test_default_model import NEW_TOKENS, PROMPTS
@@ -113,6 +115,28 @@ def test_prompts_compute_in_float_on_their_own_graph(tiny_checkpoints, tmp_path)
     one = ExportedModel(tmp_path / "one")
     assert relative_error(one.prefill(tokens[:21], one.new_cache()), float_model.prefill(tokens[:21],
                                                                                          float_model.new_cache())) > 0
+
+
+def test_prompts_run_in_chunks_that_bound_activations(tiny_checkpoints, tmp_path):
+    """A prompt longer than the engine's chunk runs in pieces: the logits and the cache it leaves are those of one
+    run; and a 7B-class shape gets chunks of a few hundred tokens, the default model's whole prompts."""
+    checkpoint = open_checkpoint(tiny_checkpoints["gqa_tied"])
+    export_model(checkpoint, tmp_path / "cpu", ExportOptions(context_length=C, target="cpu", accuracy_level=0),
+                 progress=False)
+    tokens = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(9)).tolist()
+    logits = []
+    for chunk in (10**6, 8):
+        model = ExportedModel(tmp_path / "cpu")
+        model.engine.chunk_length = chunk
+        cache = model.new_cache()
+        logits.append(np.stack([model.prefill(tokens[:21], cache)] + [model.decode(t, cache) for t in tokens[21:]]))
+    assert relative_error(logits[1], logits[0]) < 1e-5
+    seven_b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                          num_kv_heads=32)
+    assert prefill_chunk_length(seven_b, 1024) == 192
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                          num_kv_heads=3)
+    assert prefill_chunk_length(smollm2, 2048) == 640
 
 
 def test_tied_embedding_is_stored_once(tiny_checkpoints, tmp_path):
