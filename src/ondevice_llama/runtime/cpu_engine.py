@@ -18,8 +18,8 @@ from ..config import LlamaConfig
 from ..manifest import DECODER, PREFILL, Manifest
 
 # A prompt runs in chunks whose float activations stay under this. ONNX Runtime's arena keeps what a run needed:
-# a 4-layer model of Llama-2-7B's widths (0.9 GB of weights, 1.0 GB RSS loaded) stood at 3.9 GB after four
-# 1,024-token prompts run whole, and at 1.7 GB in this rule's chunks of 192, which took 4-5% longer.
+# a 4-layer model of Llama-2-7B's widths (0.9 GB of weights, 1.0 GB RSS loaded) stood at 4.1 GB after four
+# 1,024-token prompts run whole, and at 1.8 GB in this rule's chunks of 192 (benchmarks/prefill_memory.py).
 ACTIVATION_BUDGET = 64 * 2**20
 CHUNK_MULTIPLE = 64
 
