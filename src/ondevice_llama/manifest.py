@@ -244,7 +244,7 @@ def _check_structure(m: Manifest) -> None:
 
 
 def _check_graph_lengths(m: Manifest, kind: str, graph: GraphManifest) -> None:
-    tokens = {"prompt_processor": m.sequence_length, "token_generator": 1}.get(kind)
+    tokens = {PROMPT_PROCESSOR: m.sequence_length, TOKEN_GENERATOR: 1}.get(kind)
     if tokens is not None and graph.sequence_length != tokens:
         raise ValueError(f"{graph.file} takes {graph.sequence_length} tokens, the manifest says {tokens}")
     for spec in graph.inputs:  # the inputs whose shape holds the context length

@@ -36,6 +36,8 @@ from ..files import fingerprint, folder_lock, replace_folder, sha256_file
 from ..manifest import (
     GRAPH_KINDS,
     MANIFEST_FILE,
+    PROMPT_PROCESSOR,
+    TOKEN_GENERATOR,
     Manifest,
     PartManifest,
     load_manifest,
@@ -50,7 +52,7 @@ FORMAT = "qnn-context-binary"
 SIMULATOR_FOLDER = "simulator"  # the same graphs, a context binary each: what the x86_64 HTP simulator can load
 # HTP prepare seconds on this 2-core machine per graph node and per GB of weights, fitted to the default model and
 # to a Llama-2-7B part (benchmarks/qnn_compile.py): only for the progress bar's ETA.
-PREPARE_SECONDS = {"prompt_processor": (0.0081, 249.0), "token_generator": (0.0046, 84.0)}
+PREPARE_SECONDS = {PROMPT_PROCESSOR: (0.0081, 249.0), TOKEN_GENERATOR: (0.0046, 84.0)}
 
 
 def prepare_estimate(kind: str, nodes: int, weights_bytes: int) -> float:

@@ -141,7 +141,7 @@ class CpuPartBuilder:
         return g.make_add(name, y, offsets)
 
     def _accuracy_level(self, name: str) -> int:
-        return 0 if self.o.float_down_proj and name.endswith("/down_proj") else self.o.accuracy_level
+        return FLOAT_COMPUTE if self.o.float_down_proj and name.endswith("/down_proj") else self.o.accuracy_level
 
     def make_embedding(self, ids: str) -> str:
         """Token embedding; quantized, and with tied weights read straight from the LM head's packed weight."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import LlamaConfig
 from ..loading import Checkpoint
 from ..loading.names import num_parameters
-from ..manifest import DECODER, PREFILL
+from ..manifest import DECODER, PREFILL, PROMPT_PROCESSOR, TOKEN_GENERATOR
 from ..quantization.quantizers import MODES
 from ..quantization.recipe import (
     BLOCK_SIZES_TEXT,
@@ -212,7 +212,7 @@ def graph_options(options: ExportOptions) -> dict[str, GraphOptions | CpuGraphOp
         return {DECODER: decoder, PREFILL: replace(decoder, accuracy_level=options.prefill_accuracy_level)}
     return {kind: GraphOptions(n, options.context_length, options.use_conv, None,
                                fp16_weights=options.precision == "fp16")
-            for kind, n in (("prompt_processor", options.sequence_length), ("token_generator", 1))}
+            for kind, n in ((PROMPT_PROCESSOR, options.sequence_length), (TOKEN_GENERATOR, 1))}
 
 
 def plan_export(checkpoint: Checkpoint, options: ExportOptions) -> ExportPlan:

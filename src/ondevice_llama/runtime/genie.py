@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..manifest import Manifest, load_manifest
+from ..manifest import GRAPH_KINDS, Manifest, load_manifest
 from .detokenizer import IncrementalDetokenizer
 from .generate import ChatSession, GenerationResult
 from .sampling import SamplingConfig
@@ -72,7 +72,7 @@ def bundle_config(folder: Path, manifest: Manifest, simulator: bool) -> dict[str
             raise GenieError(f"{folder}: compiled with --device-only; the x86_64 HTP simulator cannot load its "
                              "weight-shared binaries")
         binary["ctx-bins"] = [str(folder / folder_name / f"{Path(part.graphs[kind].file).stem}_qnn.bin")
-                              for part in manifest.parts for kind in ("prompt_processor", "token_generator")]
+                              for part in manifest.parts for kind in GRAPH_KINDS]
     else:
         binary["ctx-bins"] = [str(folder / b) for b in binary["ctx-bins"]]
     dialog["tokenizer"]["path"] = str(folder / dialog["tokenizer"]["path"])
