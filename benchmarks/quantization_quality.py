@@ -1,5 +1,5 @@
-"""Quality of weight quantization on the default model, w4a16: round-to-nearest (RTN), GPTQ, and GPTQ on the
-rotated model (quantization.rotation).
+"""Quality of weight quantization on the default model, w4a16: round-to-nearest (RTN), GPTQ, GPTQ on the
+rotated model (quantization.rotation), and that with asymmetric calibration (GPTAQ, the default).
 
 One run quantizes the model once per row (layer by layer, built-in calibration set), simulates each
 quantized model in the PyTorch reference (integer weights dequantized, activations fake-quantized to the
@@ -50,10 +50,12 @@ def rows(block_sizes: list[int]) -> list[tuple[str, Recipe, str | None]]:
     for block in [None, *block_sizes]:
         where = f"block {block}" if block else "per-channel"
         rtn = f"w4a16 RTN {where}"
-        gptq = replace(best, weight_bits=4, activation_bits=16, block_size=block)
+        gptq = replace(best, weight_bits=4, activation_bits=16, block_size=block, asymmetric_calibration=0.0)
         table.append((rtn, Recipe.from_precision("w4a16", algorithm="rtn", block_size=block, rotation=None), None))
         table.append((f"w4a16 GPTQ {where}", replace(gptq, rotation=None), rtn))
         table.append((f"w4a16 GPTQ + rotation {where}", replace(gptq, rotation="hadamard"), rtn))
+        table.append((f"w4a16 GPTAQ + rotation {where}",
+                      replace(gptq, rotation="hadamard", asymmetric_calibration=best.asymmetric_calibration), rtn))
     return table
 
 
@@ -183,7 +185,8 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     for ax, (text, result) in zip(axes[0], results.items(), strict=True):
         rows = result["rows"]
         names = [r["name"] for r in rows]
-        colors = ["tab:gray" if n == "float" else "tab:red" if n.startswith("AIMET") else "tab:green"
+        colors = ["tab:gray" if n == "float" else "tab:red" if n.startswith("AIMET") else "tab:purple"
+                  if "GPTAQ" in n else "tab:green"
                   if "rotation" in n else "tab:blue" if "GPTQ" in n else "tab:orange" for n in names]
         values = [r["perplexity"] for r in rows]
         bars = ax.barh(names, values, color=colors)

@@ -170,3 +170,34 @@ def test_recipe_lpbq_is_opt_in():
     assert Recipe.from_dict(saved).block_scale_bits is None and Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ValueError, match="block scale bits"):
         Recipe(block_size=32, block_scale_bits=3)
+
+
+def test_asymmetric_calibration_targets_the_float_outputs():
+    """With the float model's inputs X_t beside the quantized model's X: the cross product X^T X equal to the
+    Hessian changes nothing, and for X = X_t (I + E), GPTQ on the cross product lands nearer the float outputs
+    X_t W^T than plain GPTQ does (which only reproduces X W^T)."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((32, 64)).astype(np.float32)
+    target = _correlated_inputs(rng, 1024, 64)
+    x = target @ (np.eye(64) + 0.1 * rng.standard_normal((64, 64)))  # an earlier layer's error, linear here
+    h = torch.from_numpy(x.T @ x)
+    options = dict(damp=0.05, act_order=True, clip_search=True)
+    same = gptq_quantize(w, h, 4, 32, cross=h, **options)
+    np.testing.assert_array_equal(same.codes, gptq_quantize(w, h, 4, 32, **options).codes)
+
+    def float_output_error(q) -> float:
+        return float(np.linalg.norm(x @ dequantize(q.codes, q.scales, None, 32).T - target @ w.T))
+
+    plain = gptq_quantize(w, h, 4, 32, **options)
+    asymmetric = gptq_quantize(w, h, 4, 32, cross=torch.from_numpy(x.T @ target), **options)
+    assert float_output_error(asymmetric) < 0.5 * float_output_error(plain)
+
+
+def test_recipe_asymmetric_calibration_round_trip():
+    recipe = Recipe(block_size=32, asymmetric_calibration=0.25)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe and Recipe().asymmetric_calibration == 0.5
+    saved = {k: v for k, v in recipe.to_dict().items() if k != "asymmetric_calibration"}
+    assert Recipe.from_dict(saved).asymmetric_calibration == 0  # recipes saved before it did not
+    for bad in (1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="asymmetric calibration"):
+            Recipe(asymmetric_calibration=bad)

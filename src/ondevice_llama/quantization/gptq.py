@@ -137,7 +137,8 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
 def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_size: int | None,
                   damp: float = 0.01, step: int = 32, act_order: bool = False,
                   clip_search: bool = False, factors: FactorCache | None = None,
-                  refit: bool = False, scale_bits: int | None = None) -> QuantizedWeight:
+                  refit: bool = False, scale_bits: int | None = None,
+                  cross: torch.Tensor | None = None) -> QuantizedWeight:
     """weight [out, in] float32; hessian [in, in] = sum of x^T x over calibration inputs.
 
     damp: fraction of the mean Hessian diagonal added to the diagonal (regularizes a Hessian estimated from
@@ -145,6 +146,10 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
     factors: where projections sharing this Hessian tensor share its inverse factor (`FactorCache`).
     refit: least-squares scales for the final codes (`refit_scales`).
     scale_bits: block scales on the LPBQ grid of that many bits (per channel); None leaves them free.
+    cross: X^T X_t, where X are the inputs `hessian` sums (the quantized model's) and X_t the float model's at
+    the same positions: the weight is first moved to the least-squares W' with X W'^T = X_t W^T (damped
+    towards W), so GPTQ's error X (W' - Q)^T is measured against the float model's outputs (asymmetric
+    calibration, GPTAQ: earlier layers' quantization error is compensated where it arrives).
     """
     w = torch.from_numpy(np.asarray(weight, np.float32)).double()
     h = torch.as_tensor(hessian).double().clone()
@@ -154,6 +159,9 @@ def gptq_quantize(weight: np.ndarray, hessian: torch.Tensor, bits: int, block_si
         raise ValueError(f"input size {cols} is not a multiple of the block size {group}")
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
+    if cross is not None:
+        ridge = damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+        w = torch.linalg.solve(h + ridge, (torch.as_tensor(cross).double() + ridge) @ w.T).T
     w[:, dead] = 0
     importance = torch.diag(h).clone()
     static = act_order or group == cols

@@ -17,6 +17,7 @@ SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "
                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
 # One projection per input: its input is that input's value.
 INPUT_READER = {key: proj for proj, key in reversed(SHARED_INPUT.items())}
+INPUT_ORDER = tuple(dict.fromkeys(SHARED_INPUT.values()))  # the order a block reads them in
 GRAM_ROWS = 2048  # rows per product
 
 
@@ -70,3 +71,38 @@ def layer_hessians(block: Block, hidden: Tensor, cos: Tensor, sin: Tensor, mask:
         for start in range(0, hidden.shape[0], step):
             block(hidden[start:start + step], cos, sin, mask, None)
     return sums.sums
+
+
+def _capture_input(block: Block, key: str, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
+                   skip_first: bool) -> tuple[Tensor, Tensor]:
+    """The input `key` of `block` on `hidden` (positions flattened), and the block's output."""
+    captured = []
+
+    def watch(proj: str, x: Tensor, _output: Tensor) -> None:
+        if proj == INPUT_READER[key]:
+            x = later_positions(x) if skip_first else x
+            captured.append(x.reshape(-1, x.shape[-1]))
+
+    with torch.no_grad(), watch_projections(block, watch):
+        output = block(hidden, cos, sin, mask, None)
+    return captured[0], output
+
+
+def input_statistics(block: Block, float_block: Block, key: str, hidden: Tensor, target: Tensor, cos: Tensor,
+                     sin: Tensor, mask: Tensor, skip_first: bool,
+                     chunk_rows: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """For asymmetric calibration (GPTAQ) of the projections reading input `key`: the Hessian X^T X of `block`
+    (the projections before them quantized) on the quantized model's hidden states `hidden`, the cross product
+    X^T X_t with `float_block`'s input X_t on the float model's hidden states `target` (same rows and
+    positions), and `float_block`'s output on `target` (the float model's next hidden states). `chunk_rows`
+    rows at a time bound the memory that holds both inputs."""
+    hessian = cross = 0
+    outputs = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        x, _ = _capture_input(block, key, hidden[start:start + chunk_rows], cos, sin, mask, skip_first)
+        x_float, output = _capture_input(float_block, key, target[start:start + chunk_rows], cos, sin, mask,
+                                         skip_first)
+        outputs.append(output)
+        hessian = hessian + gram(x)
+        cross = cross + (x.T @ x_float).double()
+    return hessian, cross, torch.cat(outputs)

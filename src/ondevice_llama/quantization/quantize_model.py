@@ -25,7 +25,7 @@ from ..memory import release_free_memory
 from ..model.reference import Block, build_block, causal_mask, rms_norm, rope_cos_sin
 from .encodings import ActivationEncoding, quantized_norm_weight
 from .gptq import FactorCache, gptq_quantize
-from .hessian import SHARED_INPUT, gram, layer_hessians
+from .hessian import INPUT_ORDER, SHARED_INPUT, gram, input_statistics, layer_hessians
 from .observers import OUTLIER_FRACTION_8_BIT, FakeQuantTap, RangeObserver, encodings_from_ranges
 from .quantized_checkpoint import QuantizedModel, WeightStore, write_meta
 from .quantizers import QuantizedWeight, dequantize, quantize_weight
@@ -36,13 +36,14 @@ _LAST_READER = ("v_proj", "o_proj", "up_proj", "down_proj")  # after these, thei
 
 
 def quantize_with_recipe(weight: np.ndarray, bits: int, recipe: Recipe, hessian: torch.Tensor | None,
-                         factors: FactorCache | None = None) -> QuantizedWeight:
+                         factors: FactorCache | None = None, cross: torch.Tensor | None = None) -> QuantizedWeight:
     """`weight` at `bits` with the recipe's algorithm: GPTQ when it says so and a Hessian is given, else RTN.
-    `factors`: shared by the projections of one layer, which share Hessians (`gptq.FactorCache`)."""
+    `factors`: shared by the projections of one layer, which share Hessians (`gptq.FactorCache`); `cross`:
+    asymmetric calibration's cross products (`gptq.gptq_quantize`)."""
     if recipe.algorithm == "gptq" and hessian is not None:
         return gptq_quantize(weight, hessian, bits, recipe.block_size, damp=recipe.damp, act_order=recipe.act_order,
                              clip_search=recipe.clip_search, factors=factors, refit=recipe.refit_scales,
-                             scale_bits=recipe.scale_bits_for(bits))
+                             scale_bits=recipe.scale_bits_for(bits), cross=cross)
     return quantize_weight(weight, bits, recipe.block_size, scale_bits=recipe.scale_bits_for(bits))
 
 
@@ -88,6 +89,45 @@ def _norm_weights(tensors: TensorSource, recipe: Recipe, layer: int | None = Non
     return {n: quantized_norm_weight(tensors.get(n)) for n in names if recipe.activation_bits_for(n) is not None}
 
 
+def _gptq_layer(checkpoint: Checkpoint, recipe: Recipe, layer: int, hidden: torch.Tensor,
+                rope_and_mask: tuple[torch.Tensor, ...], skip_first: bool) -> dict[str, QuantizedWeight]:
+    """`layer`'s projections quantized by the recipe, GPTQ on the float layer's inputs for `hidden`."""
+    c, tensors = checkpoint.config, checkpoint.tensors
+    hessians = {}
+    if recipe.algorithm == "gptq":  # the float block is freed right after
+        hessians = layer_hessians(build_block(c, tensors, layer), hidden, *rope_and_mask, skip_first)
+    layer_weights, factors = {}, FactorCache()
+    for proj in PROJECTIONS:
+        name, key = f"layers.{layer}.{proj}", SHARED_INPUT[proj]
+        hessian = hessians.pop(key, None) if proj in _LAST_READER else hessians.get(key)
+        layer_weights[name] = quantize_with_recipe(tensors.get(name), recipe.bits_for(name), recipe, hessian, factors)
+    return layer_weights
+
+
+def _asymmetric_layer(checkpoint: Checkpoint, recipe: Recipe, layer: int, hidden: torch.Tensor, target: torch.Tensor,
+                      rope_and_mask: tuple[torch.Tensor, ...],
+                      skip_first: bool) -> tuple[dict[str, QuantizedWeight], torch.Tensor]:
+    """`layer`'s projections by GPTQ with asymmetric calibration (GPTAQ, as far as the recipe says), and the
+    float model's next hidden states after `target`. The projections go in the order the block reads their
+    inputs, each group's inputs taken from the block with the groups before it quantized: had o_proj seen the
+    float block's attention output instead, it would compensate again what q/k/v_proj already did (measured:
+    perplexity 17,693 on 2,048 wikitext tokens)."""
+    c, tensors = checkpoint.config, checkpoint.tensors
+    float_block = build_block(c, tensors, layer)
+    layer_weights, dequantized, factors = {}, {}, FactorCache()
+    for key in INPUT_ORDER:
+        block = build_block(c, tensors, layer, dequantized | _norm_weights(tensors, recipe, layer))
+        hessian, cross, output = input_statistics(block, float_block, key, hidden, target, *rope_and_mask,
+                                                  skip_first)
+        cross = hessian + recipe.asymmetric_calibration * (cross - hessian)  # aim part way to the float model
+        for proj in (p for p in PROJECTIONS if SHARED_INPUT[p] == key):
+            name = f"layers.{layer}.{proj}"
+            layer_weights[name] = quantize_with_recipe(tensors.get(name), recipe.bits_for(name), recipe, hessian,
+                                                       factors, cross)
+            dequantized[name] = dequantized_tensor(layer_weights[name]).numpy()
+    return layer_weights, output
+
+
 def dequantized_tensor(q: QuantizedWeight) -> torch.Tensor:
     """A symmetric quantized weight's float values, as a tensor."""
     return torch.from_numpy(dequantize(q.codes, q.scales, None, q.group_size))
@@ -130,22 +170,18 @@ def _quantize_model(checkpoint: Checkpoint, recipe: Recipe, calibration: torch.T
         embed = dequantized_tensor(embed_q)
         sink_pass = None if sink_token is None else _SinkPass(c, sink_token, embed[sink_token])
         hidden = observer("embed", embed[calibration])
+        asymmetric = recipe.algorithm == "gptq" and recipe.asymmetric_calibration > 0
+        target = torch.from_numpy(tensors.get("embed_tokens"))[calibration] if asymmetric else None
         length = calibration.shape[1]
         cos, sin = rope_cos_sin(c, torch.arange(length))
         mask = causal_mask(torch.arange(length), length, torch.float32)
         for layer in tqdm(range(c.num_layers), desc=f"quantize ({recipe.algorithm})", unit="layer",
                           disable=not progress, dynamic_ncols=True):
-            hessians = {}
-            if recipe.algorithm == "gptq":  # float layer inputs; the float block is freed right after
-                hessians = layer_hessians(build_block(c, tensors, layer), hidden, cos, sin, mask,
-                                          sink_token is not None)
-            layer_weights, factors = {}, FactorCache()
-            for proj in PROJECTIONS:
-                name = f"layers.{layer}.{proj}"
-                key = SHARED_INPUT[proj]
-                hessian = hessians.pop(key, None) if proj in _LAST_READER else hessians.get(key)
-                layer_weights[name] = quantize_with_recipe(tensors.get(name), recipe.bits_for(name), recipe, hessian,
-                                                           factors)
+            if asymmetric:  # the float model's hidden states move on beside the quantized model's
+                layer_weights, target = _asymmetric_layer(checkpoint, recipe, layer, hidden, target, (cos, sin, mask),
+                                                          sink_token is not None)
+            else:
+                layer_weights = _gptq_layer(checkpoint, recipe, layer, hidden, (cos, sin, mask), sink_token is not None)
             weights = {n: dequantized_tensor(q).numpy() for n, q in layer_weights.items()}
             block = build_block(c, tensors, layer, weights | _norm_weights(tensors, recipe, layer))
             store.add(f"layer_{layer:03d}.safetensors", layer_weights)
