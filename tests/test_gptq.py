@@ -196,6 +196,8 @@ def test_asymmetric_calibration_targets_the_float_outputs():
 def test_recipe_asymmetric_calibration_round_trip():
     recipe = Recipe(block_size=32, asymmetric_calibration=0.25)
     assert Recipe.from_dict(recipe.to_dict()) == recipe and Recipe().asymmetric_calibration == 0.5
+    assert "asymmetric calibration 0.25" in recipe.describe()
+    assert "asymmetric" not in Recipe(algorithm="rtn", asymmetric_calibration=0.25).describe()
     saved = {k: v for k, v in recipe.to_dict().items() if k != "asymmetric_calibration"}
     assert Recipe.from_dict(saved).asymmetric_calibration == 0  # recipes saved before it did not
     for bad in (1.5, -0.1, True, "0.5"):

@@ -143,6 +143,8 @@ class Recipe:
             parts.append(f"{len(self.overrides)} overrides")
         if self.block_scale_bits:
             parts.append("LPBQ block scales")
+        if self.algorithm == "gptq" and self.asymmetric_calibration:
+            parts.append(f"asymmetric calibration {self.asymmetric_calibration:g}")
         return ", ".join(parts)
 
     @classmethod

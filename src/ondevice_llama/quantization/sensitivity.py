@@ -16,6 +16,11 @@ Each piece also gets the SQNR of the projection's own output (before the residua
 isolates the weight's rounding from how much the layer relies on the projection; the embedding and the
 LM head are reported at the recipe's head bits (embedding output and logits SQNR).
 
+With GPTQ's asymmetric calibration (the default recipe's), a piece measured alone is exactly GPTQ: it sees
+float inputs, so the float model's inputs it would aim at are its own (cross product = Hessian), and the
+figure is what that method leaves behind in it. What asymmetric calibration adds, compensating the drift of
+the layers before, the whole model's figures (`evaluate`, benchmarks/quantization_quality.py) show.
+
 The recipe (`choose_overrides`): rank the pieces by block-output SQNR, lowest first, and walk down the
 ranking, keeping a piece at 8 bits (`Recipe.overrides["layers.L.P"] = 8`) when the 8-bit projection
 parameters chosen so far plus its own (out x in) stay within `budget` x all projection parameters; a
