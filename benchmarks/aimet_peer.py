@@ -14,7 +14,8 @@ no KV cache):
 5. the QuantSim ONNX Runtime session scores every evaluation window.
 
 Rows "AIMET ... min-max" skip step 3 (weights min-max, the rest the same); "AIMET ... + SeqMSE" run it.
-Our rows (skip with `--skip-ours`): RTN and GPTQ at block 32, and GPTQ on the Hadamard-rotated model, all
+Our rows (skip with `--skip-ours`): RTN and GPTQ at block 32, GPTQ on the Hadamard-rotated model, and that
+with asymmetric calibration (GPTAQ, our default), all
 w4a16 with 8-bit embedding and head, simulated in the PyTorch reference (`evaluation.simulated_logits`).
 
 Calibration: our built-in set, rows of 256 tokens packed as our pipeline packs them (each starts with the
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -256,13 +258,16 @@ def run_aimet(float_path: Path, calibration: list[dict], args, with_seq_mse: boo
 # --- ours --------------------------------------------------------------------------------------------------------
 
 def our_recipes(block: int) -> dict:
-    """Our rows: RTN, GPTQ, GPTQ on the rotated model, at `block`."""
+    """Our rows: RTN, GPTQ, GPTQ on the rotated model, and that with asymmetric calibration (GPTAQ, the
+    default), at `block`."""
     from ondevice_llama.quantization.recipe import Recipe
 
+    gptq = Recipe(block_size=block, asymmetric_calibration=0.0)
     return {f"ours w4a16 RTN block {block}": Recipe.from_precision("w4a16", algorithm="rtn", block_size=block,
                                                                    rotation=None),
-            f"ours w4a16 GPTQ block {block}": Recipe(block_size=block, rotation=None),
-            f"ours w4a16 GPTQ + rotation block {block}": Recipe(block_size=block, rotation="hadamard")}
+            f"ours w4a16 GPTQ block {block}": replace(gptq, rotation=None),
+            f"ours w4a16 GPTQ + rotation block {block}": replace(gptq, rotation="hadamard"),
+            f"ours w4a16 GPTAQ + rotation block {block}": Recipe(block_size=block, rotation="hadamard")}
 
 
 # --- main --------------------------------------------------------------------------------------------------------
