@@ -31,6 +31,11 @@ def gram(x: Tensor) -> Tensor:
     return total
 
 
+def measured_positions(x: Tensor, skip_first: bool) -> Tensor:
+    """The positions of a projection input that calibration measures: all, or all but the sink at 0."""
+    return later_positions(x) if skip_first else x
+
+
 @contextmanager
 def watch_projections(block: Block, watch: Callable[[str, Tensor, Tensor], None]) -> Iterator[None]:
     """Call watch(projection, input, output) for every projection of `block` it runs inside this block."""
@@ -54,11 +59,8 @@ class HessianSums:
         self.sums: dict[str, Tensor] = {}
 
     def __call__(self, proj: str, x: Tensor, _output: Tensor) -> None:
-        key = SHARED_INPUT[proj]
-        if INPUT_READER[key] != proj:
-            return
-        x = later_positions(x) if self.skip_first else x
-        self.sums[key] = self.sums.get(key, 0) + gram(x.to(self.dtype))
+        if INPUT_READER[key := SHARED_INPUT[proj]] == proj:
+            self.sums[key] = self.sums.get(key, 0) + gram(measured_positions(x, self.skip_first).to(self.dtype))
 
 
 def layer_hessians(block: Block, hidden: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, skip_first: bool,
@@ -80,7 +82,7 @@ def _capture_input(block: Block, key: str, hidden: Tensor, cos: Tensor, sin: Ten
 
     def watch(proj: str, x: Tensor, _output: Tensor) -> None:
         if proj == INPUT_READER[key]:
-            x = later_positions(x) if skip_first else x
+            x = measured_positions(x, skip_first)
             captured.append(x.reshape(-1, x.shape[-1]))
 
     with torch.no_grad(), watch_projections(block, watch):
